@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine:
+#   make train   set up, then run the default short training job
+#   make test    set up, then run the tests
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup train test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip check
+	touch $@
+
+train: setup
+	$(PY) train_main.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

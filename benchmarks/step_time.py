@@ -1,0 +1,94 @@
+"""Train-step time of tfacd's QAT variants relative to float, measured side by side in one run.
+
+Usage: python benchmarks/step_time.py [--width 0.5] [--batch_size 128] [--steps 8] [--rounds 2]
+
+Each variant is built, compiled and warmed up (tracing + 2 steps); then the variants are timed
+round-robin (`--rounds` rounds of `--steps` steps of `model.fit` on one cached batch, callbacks
+included), so drift in machine load hits them alike. The best round of each is reported.
+Target (issue #2): per-channel W2A2 + ClipDecay + SQNR <= 1.3x float and <= tfmot default QAT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+
+import tfacd  # noqa: E402
+from tfacd._keras import keras  # noqa: E402
+
+
+def build_variants(width: float):
+    def base():
+        return tfacd.mobilenet_v2_cifar(width=width, num_classes=10)
+
+    def tfacd_variant(**kwargs):
+        return lambda: tfacd.quantize_model(base(), **kwargs)
+
+    return {
+        "float": (base, []),
+        "tfmot default 8-bit QAT": (lambda: tfmot.quantization.keras.quantize_model(base()), []),
+        "tfacd per-layer W2A2": (tfacd_variant(weight_bits=2, activation_bits=2,
+                                               granularity="per_layer"), []),
+        "tfacd per-channel W2A2": (tfacd_variant(weight_bits=2, activation_bits=2), []),
+        "tfacd per-channel W2A2 + ACD + SQNR": (
+            tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05),
+            [tfacd.callbacks.ClipDecay]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", default="", help="comma-separated variant names to run")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch_size, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=(args.batch_size,))
+    data = tf.data.Dataset.from_tensors((x, y)).cache().repeat()
+
+    runs = {}
+    for name, (make, callback_types) in build_variants(args.width).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        start = time.perf_counter()
+        model = make()
+        if name.startswith("tfacd"):
+            tfacd.calibrate(model, x[:32])
+        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        callbacks = [make_callback() for make_callback in callback_types]
+        model.fit(data, steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks)
+        print(f"built+warmed {name} in {time.perf_counter() - start:.0f} s", flush=True)
+        runs[name] = (model, callbacks, [])
+
+    for _ in range(args.rounds):
+        for name, (model, callbacks, times) in runs.items():
+            start = time.perf_counter()
+            model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0,
+                      callbacks=callbacks)
+            times.append((time.perf_counter() - start) / args.steps)
+
+    float_time = min(runs["float"][2]) if "float" in runs else None
+    print(f"\nMobileNetV2-CIFAR width {args.width}, batch {args.batch_size}, 32x32, "
+          f"{args.rounds} rounds x {args.steps} steps, {os.cpu_count()} CPU cores")
+    print(f"{'variant':40s} {'s/step':>8s} {'img/s':>8s} {'x float':>8s}")
+    for name, (_, _, times) in runs.items():
+        best = min(times)
+        ratio = f"{best / float_time:8.2f}" if float_time else "     n/a"
+        print(f"{name:40s} {best:8.3f} {args.batch_size / best:8.1f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()

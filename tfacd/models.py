@@ -1,0 +1,99 @@
+"""MobileNetV2 for 32x32 inputs (CIFAR), as a flat tf_keras Functional model.
+
+Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018
+(arXiv:1801.04381). ImageNet's MobileNetV2 downsamples 32x by its fifth stage; on 32x32 images
+that leaves a 1x1 map. As CIFAR implementations do, the stem convolution and the first
+stride-2 stage run at stride 1, so the last feature map is 4x4.
+
+The model is built only from layers tfmot/tfacd can wrap (Conv2D, DepthwiseConv2D,
+BatchNormalization, ReLU, Add, GlobalAveragePooling2D, Dense): no Lambda layers, no nested
+models. It outputs logits (no softmax); train with `from_logits=True`.
+"""
+
+from __future__ import annotations
+
+from tfacd._keras import keras
+
+layers = keras.layers
+
+#: (expansion t, output channels c, repeats n, first stride s), with CIFAR strides.
+CIFAR_BLOCKS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),      # stride 2 in the ImageNet model
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Rounds channel counts the way the reference MobileNetV2 does."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+def mobilenet_v2_cifar(width: float = 1.0, num_classes: int = 10, input_shape=(32, 32, 3),
+                       bn_momentum: float = 0.999, weight_decay: float = 4e-5,
+                       blocks=CIFAR_BLOCKS, name: str | None = None) -> keras.Model:
+    """MobileNetV2-CIFAR.
+
+    Args:
+      width: the width multiplier alpha (0.35, 0.5, 0.75, 1.0, ...).
+      num_classes: size of the logits.
+      input_shape: (height, width, channels) of the normalized input images.
+      bn_momentum: BatchNormalization momentum; 0.999 as in the reference model, lower (e.g.
+        0.9) for short runs, where 0.999 leaves the moving statistics at their init.
+      weight_decay: L2 on convolution and dense kernels (0 for none).
+      blocks: the (t, c, n, s) table; `CIFAR_BLOCKS` by default (smaller tables make tiny
+        test models).
+    """
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
+    regularizer = keras.regularizers.l2(weight_decay) if weight_decay else None
+
+    def bn_relu(x, prefix, relu=True):
+        x = layers.BatchNormalization(momentum=bn_momentum, epsilon=1e-3,
+                                      name=f"{prefix}_bn")(x)
+        return layers.ReLU(6.0, name=f"{prefix}_relu")(x) if relu else x
+
+    def conv(x, filters, kernel, stride, prefix):
+        return layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                             kernel_regularizer=regularizer, name=prefix)(x)
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    stem = make_divisible(32 * width)
+    x = bn_relu(conv(inputs, stem, 3, 1, "stem_conv"), "stem")
+    in_channels = stem
+    index = 0
+    for expansion, channels, repeats, first_stride in blocks:
+        out_channels = make_divisible(channels * width)
+        for repeat in range(repeats):
+            stride = first_stride if repeat == 0 else 1
+            prefix = f"block{index}"
+            shortcut = x
+            if expansion != 1:
+                x = bn_relu(conv(x, in_channels * expansion, 1, 1, f"{prefix}_expand"),
+                            f"{prefix}_expand")
+            x = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                                       name=f"{prefix}_depthwise")(x)
+            x = bn_relu(x, f"{prefix}_depthwise")
+            x = bn_relu(conv(x, out_channels, 1, 1, f"{prefix}_project"), f"{prefix}_project",
+                        relu=False)
+            if stride == 1 and in_channels == out_channels:
+                x = layers.Add(name=f"{prefix}_add")([shortcut, x])
+            in_channels = out_channels
+            index += 1
+    head = make_divisible(1280 * width) if width > 1.0 else 1280
+    x = bn_relu(conv(x, head, 1, 1, "head_conv"), "head")
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=regularizer, name="logits")(x)
+    return keras.Model(inputs, outputs,
+                       name=name or f"mobilenet_v2_cifar_{width:g}".replace(".", "_"))

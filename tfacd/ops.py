@@ -1,0 +1,495 @@
+"""The quantization math of tfacd, in one place.
+
+Everything here is plain TensorFlow on tensors: no Keras, no tfmot. The Keras/tfmot glue lives in
+`tfacd.quantizers`; this module only says what numbers come out and which gradients flow back.
+
+Notation (used in every docstring below)
+---------------------------------------
+* `b` bits, `n = 2^b - 1` quantization steps.
+* `l`, `u` the lower and upper clipping values, one pair per tensor or per channel.
+* `s = (u - l) / n` the step.
+* `v = (clip(x, l, u) - l) / s` the input in step units, `k = round(v)` its grid index.
+
+Forward pass (asymmetric uniform fake quantization)::
+
+    q(x) = l + s * round((clip(x, l, u) - l) / s)
+
+With `integer_zero_point=True` (the default of the quantizers) the grid origin is first moved
+to a multiple of the step, the way TensorFlow's `FakeQuant*` ops and every integer inference
+engine (TFLite) need it, so that zero is exactly representable and the exported integer model
+holds the same values::
+
+    z = clamp(round(-l / s), 0, n),   l' = -z * s,   u' = l' + n * s
+
+and `(l', u')` replace `(l, u)` in the formula above. The move is at most `s / 2`; gradients
+pass straight through it (`dl'/dl = du'/du = 1`).
+
+Backward pass (LSQ+ style, the default)::
+
+    dq/dx = 1                 if l <= x <= u, else 0          (straight-through estimator)
+    dq/du = (k - v) / n       if l <= x <= u;  1 if x > u;  0 if x < l
+    dq/dl = -(k - v) / n      if l <= x <= u;  0 if x > u;  1 if x < l
+
+and both clip gradients are multiplied by the LSQ gradient scale `g = 1 / sqrt(N * n)`, where
+`N` is the number of elements that share one clip (per sample, for activations). The
+inside-range term `(k - v) / n` is the rounding error's dependence on the step; without it a
+loss on the quantization error could only ever widen the clips.
+
+The PACT-style backward pass (`gradient="pact"`) keeps only the clipped elements::
+
+    dq/du = 1 if x > u else 0,   dq/dl = 1 if x < l else 0
+
+which is what `tf.quantization.fake_quant_with_min_max_vars*` provide.
+
+References:
+* Esser et al., "Learned Step Size Quantization", ICLR 2020 (arXiv:1902.08153).
+* Bhalgat et al., "LSQ+: Improving low-bit quantization through learnable offsets and better
+  initialization", CVPR Workshops 2020 (arXiv:2004.09576).
+* Choi et al., "PACT: Parameterized Clipping Activation for Quantized Neural Networks",
+  2018 (arXiv:1805.06085).
+* Jacob et al., "Quantization and Training of Neural Networks for Efficient
+  Integer-Arithmetic-Only Inference", CVPR 2018 (the zero-point nudge).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+#: The smallest clipping range. Keeps `s > 0` for channels whose data range is zero (dead ReLU
+#: channels, constant depthwise filters), so no division by zero in forward or backward.
+MIN_RANGE = 1e-6
+
+GRADIENTS = ("lsq", "pact")
+
+
+def check_bits(num_bits) -> int:
+    """Returns `num_bits` as an int, or raises a `ValueError` that names the bad value."""
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int,)) and not (
+            isinstance(num_bits, float) and float(num_bits).is_integer()):
+        raise ValueError(f"num_bits must be an integer from {MIN_BITS} to {MAX_BITS}, "
+                         f"got {num_bits!r}")
+    num_bits = int(num_bits)
+    if not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(f"num_bits must be from {MIN_BITS} to {MAX_BITS}, got {num_bits}")
+    return num_bits
+
+
+def check_gradient(gradient: str) -> str:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    return gradient
+
+
+def num_levels(num_bits: int) -> int:
+    """`n = 2^b - 1`, the number of steps between the lowest and the highest level."""
+    return 2 ** check_bits(num_bits) - 1
+
+
+def ordered_clips(lower, upper):
+    """The effective clips `(l, max(u, l + MIN_RANGE))`: `l < u` always holds in the math.
+
+    The stored variables may cross (an optimizer step can push them past each other); the
+    forward pass never sees that. Where the range is at its minimum, the upper clip's gradient
+    goes to the lower clip, so training moves the pair together.
+    """
+    lower = tf.convert_to_tensor(lower, tf.float32)
+    upper = tf.convert_to_tensor(upper, tf.float32)
+    return lower, lower + tf.maximum(upper - lower, MIN_RANGE)
+
+
+def nudge_clips(lower, upper, num_bits: int):
+    """Moves `(l, u)` so that zero lies exactly on the grid (TF's `FakeQuant` nudge).
+
+    Returns `(l', u')` with `l' = -z s`, `u' = (n - z) s`, `z = clamp(round(-l / s), 0, n)`.
+    Rounding is half away from zero, as in TensorFlow's kernel, so the fused op applied to the
+    nudged clips reproduces them exactly. Gradients pass straight through the rounding.
+    """
+    n = float(num_levels(num_bits))
+    lower, upper = ordered_clips(lower, upper)
+    scale = (upper - lower) / n
+    zero_point = tf.clip_by_value(-lower / scale, 0.0, n)
+    zero_point = tf.sign(zero_point) * tf.floor(tf.abs(zero_point) + 0.5)
+    nudged_lower = -zero_point * scale
+    # Straight-through: forward takes the nudged value, backward treats it as the identity.
+    nudged_lower = lower + tf.stop_gradient(nudged_lower - lower)
+    return nudged_lower, nudged_lower + n * scale
+
+
+def _channel_shape(rank: int, axis: int | None):
+    """Shape that broadcasts a `[C]` vector of clips along `axis` of a rank-`rank` tensor."""
+    if axis is None:
+        return None
+    shape = [1] * rank
+    shape[axis] = -1
+    return shape
+
+
+def _other_axes(rank: int, axis: int | None) -> tuple:
+    axis = None if axis is None else axis % rank
+    return tuple(d for d in range(rank) if d != axis)
+
+
+def _reduce_to_clip(t, axis: int | None):
+    """Sums `t` over every dimension except the channel `axis` (over all when per tensor)."""
+    return tf.reduce_sum(t, axis=_other_axes(t.shape.rank, axis))
+
+
+def _normalize_axis(x, axis):
+    if axis is None:
+        return None
+    rank = x.shape.rank
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+    return axis % rank
+
+
+def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None):
+    """The forward formula with plain broadcasting ops (clip search, arbitrary layouts).
+
+    Rounds half up, `floor(v + 0.5)`, like TensorFlow's FakeQuant kernels.
+    """
+    shape = _channel_shape(x.shape.rank, axis)
+    if shape is not None:
+        lower, upper = tf.reshape(lower, shape), tf.reshape(upper, shape)
+    scale = (upper - lower) / float(num_levels(num_bits))
+    clipped = tf.minimum(tf.maximum(x, lower), upper)
+    return lower + scale * tf.floor((clipped - lower) / scale + 0.5)
+
+
+# The elementwise work of a quantizer is memory-bound: as separate TF ops, the forward and the
+# backward pass each read and write the whole activation tensor about ten times (and TF's own
+# per-channel FakeQuant kernel is slower still, ~15x a ReLU on NHWC data). XLA fuses each pass
+# into about one sweep. Only these two small functions are compiled; convolutions stay on
+# TensorFlow's own kernels (XLA's CPU convolutions are far slower).
+
+@tf.function(jit_compile=True, autograph=False)
+def _fused_forward(x, lower, upper, levels, clip_axes, stat_axes, with_noise,
+                   integer_zero_point):
+    """q, per-clip data min/max and, optionally, per-channel signal and noise powers."""
+    scale = (upper - lower) / levels
+    clipped = tf.minimum(tf.maximum(x, lower), upper)
+    # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to exactly
+    # 0.0 (k s + l would leave a rounding residue of ~1e-8).
+    zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
+    q = (tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point) * scale
+    outputs = [q, tf.reduce_min(x, axis=clip_axes), tf.reduce_max(x, axis=clip_axes)]
+    if with_noise:
+        outputs += [tf.reduce_sum(tf.square(x), axis=stat_axes),
+                    tf.reduce_sum(tf.square(x - q), axis=stat_axes)]
+    return outputs
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq):
+    """dx, dl, du of the module docstring; `dnoise` feeds the clips only (SQNR loss)."""
+    below = x < lower
+    above = x > upper
+    inside = tf.logical_not(tf.logical_or(below, above))
+    zeros = tf.zeros_like(x)
+    dx = tf.where(inside, dq, zeros)
+    # d(sum (x - q)^2)/dq = -2 (x - q): the noise power's gradient, sent to the clips only.
+    dclip = dq - 2.0 * dnoise * (x - q)
+    dl = tf.where(below, dclip, zeros)
+    du = tf.where(above, dclip, zeros)
+    if lsq:
+        # (k - v) / n = (q - x) / (u - l) inside the range.
+        rounding = tf.where(inside, dclip * (q - x) / (upper - lower), zeros)
+        dl = dl - rounding
+        du = du + rounding
+    return dx, tf.reduce_sum(dl, axis=clip_axes), tf.reduce_sum(du, axis=clip_axes)
+
+
+def _to_rows(x, channel_axis: int):
+    """`x` as `[rows, C]` with the channel axis last: XLA's CPU reductions over the leading
+    axis of a 2-D array are ~7x faster than over three axes of NHWC. Returns the rows and a
+    function that turns a rows-shaped tensor back into `x`'s layout."""
+    rank = x.shape.rank
+    shape = tf.shape(x)
+    if channel_axis == rank - 1:
+        return tf.reshape(x, [-1, x.shape[-1]]), lambda rows: tf.reshape(rows, shape)
+    perm = [d for d in range(rank) if d != channel_axis] + [channel_axis]
+    inverse = [perm.index(d) for d in range(rank)]
+    moved_shape = tf.gather(shape, perm)
+    rows = tf.reshape(tf.transpose(x, perm), [-1, x.shape[channel_axis]])
+    return rows, lambda r: tf.transpose(tf.reshape(r, moved_shape), inverse)
+
+
+def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis):
+    """Shared set-up of the fused passes: checked args, clips, and `x` as rows."""
+    num_bits = check_bits(num_bits)
+    x = tf.convert_to_tensor(x, tf.float32)
+    axis = _normalize_axis(x, axis)
+    if axis is not None:
+        channel_axis = axis
+    lower, upper = (nudge_clips if integer_zero_point else _ordered)(lower, upper, num_bits)
+    if axis is not None:
+        lower, upper = tf.reshape(lower, [1, -1]), tf.reshape(upper, [1, -1])
+    rows, restore = _to_rows(x, _normalize_axis(x, channel_axis))
+    clip_axes = (0,) if axis is not None else (0, 1)
+    return x, rows, restore, lower, upper, clip_axes, float(num_levels(num_bits))
+
+
+def quantize_forward(x, lower, upper, num_bits: int, axis: int | None = None,
+                     integer_zero_point: bool = True):
+    """The forward pass only (no custom gradient): inference and measurements."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    _, rows, restore, lower, upper, clip_axes, levels = _prepare(
+        x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1)
+    return restore(_fused_forward(rows, lower, upper, tf.constant(levels), clip_axes, (0,),
+                                  False, integer_zero_point)[0])
+
+
+def _ordered(lower, upper, num_bits):
+    del num_bits
+    return ordered_clips(lower, upper)
+
+
+def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = None, *,
+                          gradient: str = "lsq", integer_zero_point: bool = True,
+                          grad_scale: float = 1.0, sqnr_axis: int | None = None):
+    """`q(x)` with the gradients of the module docstring, plus statistics from the same sweep.
+
+    Args:
+      x: float tensor.
+      lower, upper: clips; scalars (per tensor) or `[C]` vectors along `axis` (per channel).
+      num_bits: 2 to 8.
+      axis: the channel axis for per-channel clips, `None` for per-tensor clips.
+      gradient: `"lsq"` (rounding-error term inside the range, LSQ+) or `"pact"` (clipped
+        elements only).
+      integer_zero_point: nudge the grid so zero is on it (needed by integer engines).
+      grad_scale: multiplies the clip gradients (LSQ's `1 / sqrt(N * n)`).
+      sqnr_axis: when given, also compute the mean per-channel SQNR (dB) along this axis.
+        Its gradient reaches only the clips (through the same LSQ+/PACT terms), never `x`:
+        a loss on it tunes the clips, not the weights.
+
+    Returns:
+      `(q, data_min, data_max, sqnr_db)`: `data_min`/`data_max` are the data's range per clip
+      (no gradient); `sqnr_db` is None unless `sqnr_axis` is given.
+    """
+    check_gradient(gradient)
+    x = tf.convert_to_tensor(x, tf.float32)
+    with_noise = sqnr_axis is not None
+    if with_noise and axis is not None and _normalize_axis(x, sqnr_axis) != \
+            _normalize_axis(x, axis):
+        raise ValueError(f"per-channel SQNR must use the clip axis {axis}, got {sqnr_axis}")
+    x, rows, restore, lower, upper, clip_axes, levels = _prepare(
+        x, lower, upper, num_bits, axis, integer_zero_point,
+        sqnr_axis if with_noise else x.shape.rank - 1)
+    levels = tf.constant(levels)
+
+    @tf.custom_gradient
+    def _quantize(rows, lower, upper):
+        outputs = _fused_forward(rows, lower, upper, levels, clip_axes, (0,), with_noise,
+                                 integer_zero_point)
+
+        def grad(dq, *unused_and_dnoise):
+            dnoise = unused_and_dnoise[-1] if with_noise else None
+            dnoise = tf.zeros([], tf.float32) if dnoise is None else tf.reshape(dnoise, [1, -1])
+            if dq is None:
+                dq = tf.zeros_like(rows)
+            drows, dl, du = _fused_backward(rows, outputs[0], dq, dnoise, lower, upper,
+                                            clip_axes, gradient == "lsq")
+            return (drows, tf.reshape(dl * grad_scale, tf.shape(lower)),
+                    tf.reshape(du * grad_scale, tf.shape(upper)))
+
+        return outputs, grad
+
+    outputs = _quantize(rows, lower, upper)
+    q = restore(outputs[0])
+    data_min, data_max = tf.stop_gradient(outputs[1]), tf.stop_gradient(outputs[2])
+    sqnr = None
+    if with_noise:
+        sqnr = _mean_sqnr_from_powers(tf.stop_gradient(outputs[3]), outputs[4])
+    return q, data_min, data_max, sqnr
+
+
+def fake_quant(x, lower, upper, num_bits: int, axis: int | None = None, *,
+               gradient: str = "lsq", integer_zero_point: bool = True,
+               grad_scale: float = 1.0):
+    """Fake-quantizes `x` with learnable clips; see the module docstring for the formulas.
+
+    The arguments are those of `fake_quant_with_stats`, which this calls, returning `q(x)`.
+    """
+    return fake_quant_with_stats(x, lower, upper, num_bits, axis, gradient=gradient,
+                                 integer_zero_point=integer_zero_point,
+                                 grad_scale=grad_scale)[0]
+
+
+def lsq_grad_scale(num_elements_per_clip: int, num_bits: int) -> float:
+    """LSQ's gradient scale `1 / sqrt(N * n)`."""
+    return 1.0 / math.sqrt(max(int(num_elements_per_clip), 1) * num_levels(num_bits))
+
+
+# --------------------------------------------------------------------------------------------
+# SQNR
+# --------------------------------------------------------------------------------------------
+
+#: Relative floor on the noise power: caps a channel's SQNR at 100 dB, so one channel that
+#: happens to quantize exactly (a constant filter) does not dominate the mean.
+_NOISE_FLOOR = 1e-10
+_TINY = 1e-20
+
+
+def _sqnr_from_powers(signal, noise):
+    ratio = (signal + _TINY) / (noise + _NOISE_FLOOR * signal + _TINY)
+    return 10.0 * tf.math.log(ratio) / math.log(10.0), tf.cast(signal > _TINY, tf.float32)
+
+
+def _mean_sqnr_from_powers(signal, noise):
+    sqnr, has_signal = _sqnr_from_powers(signal, noise)
+    return tf.reduce_sum(sqnr * has_signal) / tf.maximum(tf.reduce_sum(has_signal), 1.0)
+
+
+def sqnr_db_per_channel(x, q, axis: int | None):
+    """`SQNR_c = 10 log10(sum x^2 / (sum (x - q)^2 + eps))` per channel of `axis`, in dB.
+
+    Sums run over every other dimension (over everything for `axis=None`, giving one value).
+    `eps = 1e-10 * sum x^2` (a 100 dB cap) plus a tiny absolute term, so all-zero channels give
+    0 dB instead of NaN. Returns `(sqnr_db, has_signal)`: channels with no signal power are
+    flagged so means can leave them out.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    return _sqnr_from_powers(_reduce_to_clip(tf.square(x), axis),
+                             _reduce_to_clip(tf.square(x - q), axis))
+
+
+def mean_sqnr_db(x, q, axis: int | None):
+    """Mean per-channel SQNR in dB over the channels that carry signal (0 if none do)."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    return _mean_sqnr_from_powers(_reduce_to_clip(tf.square(x), axis),
+                                  _reduce_to_clip(tf.square(x - q), axis))
+
+
+# --------------------------------------------------------------------------------------------
+# Clip initialization
+# --------------------------------------------------------------------------------------------
+
+def _as_rows(x, axis: int | None, max_rows: int | None):
+    """Reshapes `x` to `[rows, C]` (C=1 per tensor), keeping at most `max_rows` evenly spaced rows."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    if axis is None:
+        rows = tf.reshape(x, [-1, 1])
+    else:
+        axis = _normalize_axis(x, axis)
+        rank = x.shape.rank
+        perm = [d for d in range(rank) if d != axis] + [axis]
+        rows = tf.reshape(tf.transpose(x, perm), [-1, x.shape[axis]])
+    if max_rows is not None:
+        count = tf.shape(rows)[0]
+        stride = tf.maximum(count // max_rows, 1)
+        rows = rows[::stride][:max_rows]
+    return rows
+
+
+def _squeeze_clips(values, axis):
+    return tf.reshape(values, []) if axis is None else values
+
+
+def init_clips_minmax(x, axis: int | None = None):
+    """Clips at the data's min and max per channel, widened to include zero.
+
+    Including zero keeps the zero point inside `[0, n]`, where integer engines need it, and
+    matches what the nudged forward pass would do anyway.
+    """
+    rows = _as_rows(x, axis, None)
+    lower = tf.minimum(tf.reduce_min(rows, axis=0), 0.0)
+    upper = tf.maximum(tf.reduce_max(rows, axis=0), 0.0)
+    upper = tf.maximum(upper, lower + MIN_RANGE)
+    return _squeeze_clips(lower, axis), _squeeze_clips(upper, axis)
+
+
+def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_point=True,
+                   num_candidates: int = 20, min_fraction: float = 0.2, passes: int = 2,
+                   max_rows: int = 2048):
+    """Per-channel clips that minimize the quantization MSE, by grid search.
+
+    Starting from min/max (`init_clips_minmax`), coordinate descent: the upper clip is searched
+    over `u = f * max` for `num_candidates` fractions `f` in `[min_fraction, 1]` with the lower
+    clip fixed, then the lower clip the same way with the upper fixed, `passes` times. Lower and
+    upper are searched separately because activations and depthwise weights are rarely
+    symmetric. At most `max_rows` evenly spaced positions per channel are used, which keeps the
+    search cheap on large activation tensors.
+    """
+    num_bits = check_bits(num_bits)
+    rows = _as_rows(x, axis, max_rows)                              # [R, C]
+    data_min = tf.minimum(tf.reduce_min(rows, axis=0), 0.0)         # [C]
+    data_max = tf.maximum(tf.reduce_max(rows, axis=0), 0.0)
+    fractions = tf.linspace(min_fraction, 1.0, num_candidates)[:, None]  # [K, 1]
+
+    def errors(lowers, uppers):                                     # [K, C] each -> [K, C]
+        lo, hi = lowers[:, None, :], uppers[:, None, :]
+        lo, hi = nudge_clips(lo, hi, num_bits) if integer_zero_point else ordered_clips(lo, hi)
+        q = _plain_fake_quant(rows[None], lo, hi, num_bits, None)
+        return tf.reduce_mean(tf.square(q - rows[None]), axis=1)
+
+    def best(candidates, err):                                      # per channel argmin
+        pick = tf.one_hot(tf.argmin(err, axis=0), num_candidates, axis=0)
+        return tf.reduce_sum(candidates * pick, axis=0)
+
+    lower, upper = data_min, tf.maximum(data_max, data_min + MIN_RANGE)
+    for _ in range(passes):
+        cand_u = tf.maximum(fractions * data_max[None], lower[None] + MIN_RANGE)
+        upper = best(cand_u, errors(tf.broadcast_to(lower[None], tf.shape(cand_u)), cand_u))
+        cand_l = tf.minimum(fractions * data_min[None], upper[None] - MIN_RANGE)
+        lower = best(cand_l, errors(cand_l, tf.broadcast_to(upper[None], tf.shape(cand_l))))
+    return _squeeze_clips(lower, axis), _squeeze_clips(upper, axis)
+
+
+INIT_METHODS = ("minmax", "mse")
+
+
+def init_clips(x, num_bits: int, axis: int | None, method: str, integer_zero_point=True):
+    """Dispatches to `init_clips_minmax` or `init_clips_mse`."""
+    if method == "minmax":
+        return init_clips_minmax(x, axis)
+    if method == "mse":
+        return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point)
+    raise ValueError(f"clip init method must be one of {INIT_METHODS}, got {method!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# ACD: asymmetric clipping-value decay
+# --------------------------------------------------------------------------------------------
+
+def clip_decay(lower, upper, data_min, data_max, lower_strength, upper_strength):
+    """One ACD step: each clip moves toward the data's range, lower and upper separately.
+
+    ::
+
+        u <- u - lambda_u * max(u - m_max, 0)
+        l <- l + lambda_l * max(m_min - l, 0)
+
+    where `m_min`, `m_max` are the channel's tracked data range and `lambda_l`, `lambda_u` in
+    `[0, 1]` the lower and upper strengths. Only the part of the clipping range that the data
+    does not occupy decays: levels there are never used, so removing it shrinks the step `s`
+    for free. Clips inside the data range (deliberate clipping, learned by the task loss) are
+    left to the optimizer. The result keeps `u - l >= MIN_RANGE`.
+    """
+    lower = tf.convert_to_tensor(lower, tf.float32)
+    upper = tf.convert_to_tensor(upper, tf.float32)
+    new_upper = upper - upper_strength * tf.maximum(upper - data_max, 0.0)
+    new_lower = lower + lower_strength * tf.maximum(data_min - lower, 0.0)
+    new_upper = tf.maximum(new_upper, new_lower + MIN_RANGE)
+    return new_lower, new_upper
+
+
+def out_of_range_penalty(x, lower, upper, axis: int | None):
+    """ACD, "pull" reading: the activations' excursions outside the clips, clips held fixed.
+
+    Returns `(mean(relu(l - x)^2), mean(relu(x - u)^2))`, the parts below and above the range,
+    so the two sides can be weighted separately (`lambda_l`, `lambda_u`). Added to the loss,
+    they pull activations into the current clipping range instead of moving the clips: their
+    gradient reaches `x` (and through it the weights), never `l` or `u`.
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    shape = _channel_shape(x.shape.rank, _normalize_axis(x, axis))
+    lower, upper = tf.stop_gradient(lower), tf.stop_gradient(upper)
+    if shape is not None:
+        lower, upper = tf.reshape(lower, shape), tf.reshape(upper, shape)
+    return (tf.reduce_mean(tf.square(tf.nn.relu(lower - x))),
+            tf.reduce_mean(tf.square(tf.nn.relu(x - upper))))

@@ -1,0 +1,366 @@
+"""`tfacd.QuantizeScheme`: a tfmot quantization scheme, and the calls users make with it.
+
+Used exactly like tfmot's own schemes::
+
+    annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+    with tfacd.quantize_scope():
+        qat_model = tfmot.quantization.keras.quantize_apply(
+            annotated, scheme=tfacd.QuantizeScheme(weight_bits=2, activation_bits=2))
+
+or in one call, `tfacd.quantize_model(model, weight_bits=2, activation_bits=2)`, which also
+checks every layer up front (an unsupported layer raises, or stays float with a warning).
+
+The scheme's layout transform places quantizers where TFLite's fused kernels put them:
+
+* Conv/Depthwise/Dense followed by BatchNormalization: no quantizer between them (BN is folded
+  into the weights at export); ... followed by ReLU/ReLU6: only the ReLU's output is quantized;
+  Add followed by ReLU: likewise.
+* The model input gets a per-tensor quantizer (a tfmot `QuantizeLayer`), as in tfmot's
+  default scheme.
+* `first_last_bits` applies to the first and last weight layers: their weights, the tensors
+  they consume (the model input; the pooled features before the classifier) and the last
+  layer's output (the logits).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layout_transform
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_scheme
+from tensorflow_model_optimization.python.core.quantization.keras import utils as tfmot_utils
+from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import model_transformer
+from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import transforms
+
+from tf_keras.src.saving.serialization_lib import SafeModeScope
+
+from tfacd import ops
+from tfacd._keras import keras
+from tfacd.quantizers import GRANULARITIES, ClipQuantizer, calibrating, iter_quantizers
+from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry, layer_role
+
+UNSUPPORTED_POLICIES = ("error", "float")
+_BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
+
+
+class QuantizeScheme(quantize_scheme.QuantizeScheme):
+    """Low-bit QAT with learnable asymmetric clips, per channel or per layer.
+
+    Args:
+      weight_bits: bits of weights (2 to 8).
+      activation_bits: bits of activations (2 to 8).
+      granularity: "per_channel" (one clip pair per channel, weights and activations) or
+        "per_layer" (one pair per tensor).
+      first_last_bits: bits of the first and last weight layers and the tensors around them;
+        None to use `weight_bits`/`activation_bits` everywhere.
+      sqnr_weight: weight of the SQNR loss, `-sqnr_weight * mean SQNR (dB)` over all
+        quantizers; 0 turns it off.
+      gradient: clip gradient, "lsq" (LSQ+, default) or "pact".
+      init_method: clip initialization from data, "mse" (per-channel error-minimizing search)
+        or "minmax".
+      integer_zero_point: snap each grid so zero is on it (required for integer export).
+      acd_pull: build activation quantizers with the ACD "pull" penalty, driven by
+        `tfacd.callbacks.ClipDecay(mode="pull")`.
+      quantize_input: add an input quantizer after each model input.
+      unsupported_layers: "error" (raise, naming the layers) or "float" (leave them in float
+        with a warning that names them); used by `tfacd.quantize_model`.
+    """
+
+    def __init__(self, weight_bits: int = 4, activation_bits: int = 4,
+                 granularity: str = "per_channel", first_last_bits: int | None = 8,
+                 sqnr_weight: float = 0.0, gradient: str = "lsq", init_method: str = "mse",
+                 integer_zero_point: bool = True, acd_pull: bool = False,
+                 quantize_input: bool = True, unsupported_layers: str = "error"):
+        self.weight_bits = _checked_bits("weight_bits", weight_bits)
+        self.activation_bits = _checked_bits("activation_bits", activation_bits)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
+        self.first_last_bits = (None if first_last_bits is None
+                                else _checked_bits("first_last_bits", first_last_bits))
+        try:
+            self.sqnr_weight = float(sqnr_weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"sqnr_weight must be a number >= 0, got {sqnr_weight!r}") from None
+        if not self.sqnr_weight >= 0.0:
+            raise ValueError(f"sqnr_weight must be >= 0, got {sqnr_weight!r}")
+        self.gradient = ops.check_gradient(gradient)
+        if init_method not in ops.INIT_METHODS:
+            raise ValueError(f"init_method must be one of {ops.INIT_METHODS}, "
+                             f"got {init_method!r}")
+        self.init_method = init_method
+        self.integer_zero_point = bool(integer_zero_point)
+        self.acd_pull = bool(acd_pull)
+        self.quantize_input = bool(quantize_input)
+        if unsupported_layers not in UNSUPPORTED_POLICIES:
+            raise ValueError(f"unsupported_layers must be one of {UNSUPPORTED_POLICIES}, "
+                             f"got {unsupported_layers!r}")
+        self.unsupported_layers = unsupported_layers
+
+    def get_config(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "weight_bits", "activation_bits", "granularity", "first_last_bits", "sqnr_weight",
+            "gradient", "init_method", "integer_zero_point", "acd_pull", "quantize_input",
+            "unsupported_layers")}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"QuantizeScheme({args})"
+
+    def get_layout_transformer(self):
+        return ClipLayoutTransform(self)
+
+    def get_quantize_registry(self):
+        return ClipQuantizeRegistry(self)
+
+    def make_quantizer(self, num_bits: int, kind: str, axis: int = -1,
+                       per_channel: bool | None = None) -> ClipQuantizer:
+        """A `ClipQuantizer` with this scheme's settings."""
+        return ClipQuantizer(
+            num_bits=num_bits,
+            per_channel=(self.granularity == "per_channel") if per_channel is None
+            else per_channel,
+            axis=axis, kind=kind, gradient=self.gradient, init_method=self.init_method,
+            integer_zero_point=self.integer_zero_point,
+            acd_pull=self.acd_pull and kind == "activation")
+
+
+def _checked_bits(name, value):
+    try:
+        return ops.check_bits(value)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Layout
+# ------------------------------------------------------------------------------------------
+
+class _InputQuantize(transforms.Transform):
+    """InputLayer => InputLayer -> QuantizeLayer(ClipQuantizer), like tfmot's own transform."""
+
+    def __init__(self, quantizer: ClipQuantizer):
+        self._quantizer = quantizer
+
+    def pattern(self):
+        return transforms.LayerPattern("InputLayer")
+
+    def replacement(self, match_layer):
+        layer = quantize_layer.QuantizeLayer(ClipQuantizer.from_config(
+            self._quantizer.get_config()))
+        config = tfmot_utils.serialize_layer(layer, use_legacy_format=True)
+        config["name"] = layer.name
+        return transforms.LayerNode(config, input_layers=[match_layer])
+
+    def custom_objects(self):
+        return {"QuantizeLayer": quantize_layer.QuantizeLayer, "ClipQuantizer": ClipQuantizer}
+
+
+def _consumers(layer):
+    return [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
+
+
+def _producers(layer):
+    nodes = layer._inbound_nodes  # pylint: disable=protected-access
+    return tf.nest.flatten(nodes[0].inbound_layers) if nodes else []
+
+
+def _is_relu(layer) -> bool:
+    if type(layer).__name__ == "ReLU":
+        return True
+    if type(layer).__name__ == "Activation":
+        name = keras.activations.serialize(layer.activation)
+        name = name if isinstance(name, str) else name.get("config", {}).get("name", "")
+        return name in ("relu", "relu6")
+    return False
+
+
+def _is_linear(layer) -> bool:
+    activation = getattr(layer, "activation", None)
+    return activation is None or activation is keras.activations.linear
+
+
+class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
+    """Places tfacd's quantizers the way TFLite fuses ops (see the module docstring)."""
+
+    def __init__(self, scheme: QuantizeScheme):
+        self._scheme = scheme
+
+    def apply(self, model, layer_quantize_map):
+        scheme = self._scheme
+        registry = scheme.get_quantize_registry()
+        annotated = [layer for layer in model.layers if layer.name in layer_quantize_map
+                     and layer_role(layer) is not None and type(layer).__name__ != "InputLayer"]
+        weight_layers = [layer for layer in annotated if layer_role(layer) == "weight"]
+        # first_last_bits: the first and last weight layers' weights; the tensors they
+        # consume; the last one's output (the logits).
+        edge_weights, edge_outputs = set(), set()
+        if scheme.first_last_bits is not None and weight_layers:
+            for edge in (weight_layers[0], weight_layers[-1]):
+                edge_weights.add(edge.name)
+                edge_outputs.update(p.name for p in self._quantized_producers(
+                    edge, layer_quantize_map))
+            edge_outputs.add(weight_layers[-1].name)
+
+        created = []
+        for layer in annotated:
+            entry = layer_quantize_map[layer.name]
+            if entry.get("quantize_config") is not None:       # the user's own config wins
+                continue
+            quantize_output = (layer_role(layer) != "passthrough"
+                               and not self._output_fused(layer, layer_quantize_map))
+            config = registry.make_config(
+                layer, quantize_output,
+                weight_bits=scheme.first_last_bits if layer.name in edge_weights else None,
+                output_bits=scheme.first_last_bits if layer.name in edge_outputs else None)
+            entry["quantize_config"] = config
+            created.extend(config.quantizers())
+
+        input_quantizer = None
+        if scheme.quantize_input:
+            input_bits = scheme.first_last_bits or scheme.activation_bits
+            input_quantizer = scheme.make_quantizer(input_bits, "activation", per_channel=False)
+            created.append(input_quantizer)
+        if scheme.sqnr_weight > 0 and created:
+            for quantizer in created:
+                quantizer.sqnr_loss_weight = scheme.sqnr_weight / len(created)
+
+        if input_quantizer is not None:
+            model, layer_quantize_map = model_transformer.ModelTransformer(
+                model, [_InputQuantize(input_quantizer)], set(layer_quantize_map.keys()),
+                layer_quantize_map).transform()
+        return model, layer_quantize_map
+
+    @staticmethod
+    def _output_fused(layer, layer_quantize_map) -> bool:
+        """True when TFLite fuses `layer`'s output into its only consumer (no quantizer)."""
+        consumers = _consumers(layer)
+        if len(consumers) != 1 or consumers[0].name not in layer_quantize_map:
+            return False
+        consumer = consumers[0]
+        kind = type(layer).__name__
+        if layer_role(layer) == "weight" and _is_linear(layer) and \
+                type(consumer).__name__ in _BATCH_NORMS:
+            return True
+        if (layer_role(layer) == "weight" and _is_linear(layer)) or kind in _BATCH_NORMS \
+                or kind == "Add":
+            return _is_relu(consumer)
+        return False
+
+    @staticmethod
+    def _quantized_producers(layer, layer_quantize_map):
+        """The layers whose quantized outputs `layer` consumes, looking through pass-throughs."""
+        found, stack = [], list(_producers(layer))
+        while stack:
+            producer = stack.pop()
+            if type(producer).__name__ == "InputLayer":
+                continue           # the input quantizer takes first_last_bits itself
+            if producer.name in layer_quantize_map and layer_role(producer) == "passthrough":
+                stack.extend(_producers(producer))
+            else:
+                found.append(producer)
+        return found
+
+
+# ------------------------------------------------------------------------------------------
+# User-facing calls
+# ------------------------------------------------------------------------------------------
+
+def quantize_scope(*args):
+    """tfmot's `quantize_scope` with tfacd's classes in it, for loading quantized models."""
+    objects = {"ClipQuantizer": ClipQuantizer, "ClipQuantizeConfig": ClipQuantizeConfig,
+               "tfacd>ClipQuantizer": ClipQuantizer,
+               "tfacd>ClipQuantizeConfig": ClipQuantizeConfig}
+    for extra in args:
+        objects.update(extra)
+    return tfmot.quantization.keras.quantize_scope(objects)
+
+
+def quantize_model(model, scheme: QuantizeScheme | None = None, **scheme_kwargs):
+    """Returns a QAT copy of a tf_keras Sequential/Functional `model` under tfacd's scheme.
+
+    Args:
+      model: a built tf_keras model (not Keras 3: tfmot cannot quantize those).
+      scheme: a `QuantizeScheme`; or pass its arguments as keywords instead.
+
+    Raises:
+      ValueError: a layer type tfacd does not support (the message names every such layer)
+        when the scheme's `unsupported_layers="error"`; a Keras 3 or unbuilt model.
+    """
+    if scheme is None:
+        scheme = QuantizeScheme(**scheme_kwargs)
+    elif scheme_kwargs:
+        raise ValueError("pass either a scheme or scheme arguments, not both")
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"tfacd quantizes tf_keras (Keras 2) models; got {type(model)!r}. "
+                         "Build the model with `import tf_keras as keras` (tfmot rejects "
+                         "Keras 3 models).")
+    if not model.built:
+        raise ValueError("the model must be built before quantization (call it once, or "
+                         "build it with an input shape)")
+
+    unsupported = [layer for layer in model.layers if layer_role(layer) is None]
+    if unsupported and scheme.unsupported_layers == "error":
+        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unsupported)
+        raise ValueError(f"tfacd cannot quantize these layers: {names}. Use "
+                         "unsupported_layers='float' to leave them in float, or annotate "
+                         "them with your own QuantizeConfig.")
+    for layer in unsupported:
+        warnings.warn(f"tfacd: layer {layer.name} ({type(layer).__name__}) is not supported "
+                      "and stays in float", stacklevel=2)
+    skip = {layer.name for layer in unsupported}
+
+    def annotate(layer):
+        if layer.name in skip or type(layer).__name__ == "InputLayer":
+            return layer
+        return tfmot.quantization.keras.quantize_annotate_layer(layer)
+
+    annotated = keras.models.clone_model(model, clone_function=annotate)
+    # quantize_apply clones the model through layer configs. Keras' safe mode refuses to
+    # rebuild Lambda layers from config; this model is already in memory, in this process, so
+    # rebuilding its Lambdas runs nothing the caller has not already run.
+    with quantize_scope(), SafeModeScope(safe_mode=False):
+        quantized = tfmot.quantization.keras.quantize_apply(annotated, scheme=scheme)
+    initialize_weight_clips(quantized)
+    return quantized
+
+
+def initialize_weight_clips(model):
+    """Sets every weight quantizer's clips from its current kernel (with its `init_method`)."""
+    for layer in model.layers:
+        for weight, quantizer, variables in getattr(layer, "_weight_vars", []):
+            if isinstance(quantizer, ClipQuantizer):
+                quantizer.initialize(weight, variables)
+
+
+def _first_batches(data, num_batches: int):
+    if isinstance(data, tf.data.Dataset):
+        batches = []
+        for element in data.take(num_batches):
+            batches.append(element[0] if isinstance(element, (tuple, list)) else element)
+        if not batches:
+            raise ValueError("calibration data is empty")
+        return tf.concat(batches, axis=0)
+    return tf.convert_to_tensor(data)
+
+
+def calibrate(model, data, num_batches: int = 1):
+    """Re-initializes every clip from data: weights from their kernels, activations from `data`.
+
+    Runs one eager inference pass (BatchNorm in inference mode) on `data` (an array, or the
+    first `num_batches` batches of a `tf.data.Dataset` of `x` or `(x, y)`), during which
+    every quantizer sets its clips with its `init_method`.
+    """
+    for _, _, _, variables in iter_quantizers(model):
+        variables["initialized"].assign(0.0)
+    with calibrating():
+        model(_first_batches(data, num_batches), training=False)
+    uninitialized = [f"{layer.name}/{tensor}" for layer, tensor, _, variables
+                     in iter_quantizers(model) if variables["initialized"].numpy() < 0.5]
+    if uninitialized:
+        raise RuntimeError(f"calibration did not reach these quantizers: {uninitialized}")
+    return model
