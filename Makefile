@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
+# The main job: a short float run (configs/quickstart.yaml). Offline, CIFAR-10 cannot be
+# downloaded and it says how to use a folder instead, e.g.
+#   make train ARGS="--dataset=../shared/data/cifar10-jpeg"
 train: setup
-	$(PY) train_main.py $(ARGS)
+	$(PY) train_main.py --config=configs/quickstart.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,19 +1,64 @@
-"""tfacd training entry point (placeholder until the training-pipeline issue lands).
+"""tfacd experiments from the command line.
 
-The quantization core is usable from Python today (see README.md). This script does not
-train anything yet: it says so and exits with status 2 rather than pretend.
+    python train_main.py --config=configs/cifar10_float.yaml --model_dir=runs/float
+    python train_main.py --config=configs/cifar10_w2a2_per_channel_acd_sqnr.yaml \\
+        --init_from=runs/float --model_dir=runs/w2a2_acd_sqnr
+
+`--config` sets an experiment from YAML; any flag given on the command line overrides it.
+Every flag is a field of `tfacd.config.ExperimentConfig` (see there for meanings). Bad input
+(an unknown dataset, a missing folder, a corrupt image, bits out of range, an unknown YAML key,
+an --init_from that is missing or does not fit the model) prints one line naming the problem
+and exits with status 2.
 """
 
+import os
 import sys
 
-MESSAGE = ("train_main.py: the training pipeline (data, YAML configs, float->QAT runs) is not "
-           "implemented yet; see README.md for using tfacd from Python.")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from tfacd import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "YAML experiment file; flags given here override it.")
+for _name, _field in config_lib.FIELDS.items():
+    _default = _field.default
+    if isinstance(_default, bool):
+        flags.DEFINE_bool(_name, None, f"(default {_default})")
+    else:
+        flags.DEFINE_string(_name, None, f"(default {_default!r})")
 
 
-def main() -> int:
-    print(MESSAGE, file=sys.stderr)
-    return 2
+def build_config() -> config_lib.ExperimentConfig:
+    base = (config_lib.load_yaml(FLAGS.config) if FLAGS.config
+            else config_lib.ExperimentConfig())
+    overrides = {name: FLAGS[name].value for name in config_lib.FIELDS
+                 if FLAGS[name].present}
+    return config_lib.from_dict(overrides, base).validate()
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    from tfacd import data as data_lib  # pylint: disable=import-outside-toplevel
+    from tfacd import train  # pylint: disable=import-outside-toplevel
+    try:
+        config = build_config()
+        results = train.run(config)
+    except (config_lib.ConfigError, data_lib.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except train.TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    summary = {k: results.get(k) for k in ("val_accuracy", "test_accuracy", "mean_sqnr_db",
+                                           "train_seconds", "images_per_second")}
+    print(f"results: {summary} -> {os.path.join(config.model_dir, train.RESULTS)}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(lambda argv: sys.exit(main(argv)))

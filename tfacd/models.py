@@ -28,6 +28,15 @@ CIFAR_BLOCKS = (
 )
 
 
+#: A two-stage table for smoke tests and CI: every layer type of the full model, few layers.
+TINY_BLOCKS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+)
+
+ARCHITECTURES = {"mobilenet_v2_cifar": CIFAR_BLOCKS, "mobilenet_v2_cifar_tiny": TINY_BLOCKS}
+
+
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Rounds channel counts the way the reference MobileNetV2 does."""
     new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
@@ -97,3 +106,11 @@ def mobilenet_v2_cifar(width: float = 1.0, num_classes: int = 10, input_shape=(3
     outputs = layers.Dense(num_classes, kernel_regularizer=regularizer, name="logits")(x)
     return keras.Model(inputs, outputs,
                        name=name or f"mobilenet_v2_cifar_{width:g}".replace(".", "_"))
+
+
+def build(architecture: str, **kwargs) -> keras.Model:
+    """`mobilenet_v2_cifar` with the block table named by `architecture`."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}: use one of "
+                         f"{sorted(ARCHITECTURES)}")
+    return mobilenet_v2_cifar(blocks=ARCHITECTURES[architecture], **kwargs)

@@ -230,17 +230,19 @@ def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis):
     if axis is not None:
         lower, upper = tf.reshape(lower, [1, -1]), tf.reshape(upper, [1, -1])
     rows, restore = _to_rows(x, _normalize_axis(x, channel_axis))
-    clip_axes = (0,) if axis is not None else (0, 1)
-    return x, rows, restore, lower, upper, clip_axes, float(num_levels(num_bits))
+    # XLA reduces rows over axis 0 only (its fast pattern); per-tensor clips then reduce the
+    # per-column results outside, on C values.
+    finish = (lambda t, reduce: t) if axis is not None else (lambda t, reduce: reduce(t))
+    return x, rows, restore, lower, upper, finish, float(num_levels(num_bits))
 
 
 def quantize_forward(x, lower, upper, num_bits: int, axis: int | None = None,
                      integer_zero_point: bool = True):
     """The forward pass only (no custom gradient): inference and measurements."""
     x = tf.convert_to_tensor(x, tf.float32)
-    _, rows, restore, lower, upper, clip_axes, levels = _prepare(
+    _, rows, restore, lower, upper, _, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1)
-    return restore(_fused_forward(rows, lower, upper, tf.constant(levels), clip_axes, (0,),
+    return restore(_fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,),
                                   False, integer_zero_point)[0])
 
 
@@ -277,14 +279,14 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
     if with_noise and axis is not None and _normalize_axis(x, sqnr_axis) != \
             _normalize_axis(x, axis):
         raise ValueError(f"per-channel SQNR must use the clip axis {axis}, got {sqnr_axis}")
-    x, rows, restore, lower, upper, clip_axes, levels = _prepare(
+    x, rows, restore, lower, upper, finish, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point,
         sqnr_axis if with_noise else x.shape.rank - 1)
     levels = tf.constant(levels)
 
     @tf.custom_gradient
     def _quantize(rows, lower, upper):
-        outputs = _fused_forward(rows, lower, upper, levels, clip_axes, (0,), with_noise,
+        outputs = _fused_forward(rows, lower, upper, levels, (0,), (0,), with_noise,
                                  integer_zero_point)
 
         def grad(dq, *unused_and_dnoise):
@@ -293,7 +295,8 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
             if dq is None:
                 dq = tf.zeros_like(rows)
             drows, dl, du = _fused_backward(rows, outputs[0], dq, dnoise, lower, upper,
-                                            clip_axes, gradient == "lsq")
+                                            (0,), gradient == "lsq")
+            dl, du = finish(dl, tf.reduce_sum), finish(du, tf.reduce_sum)
             return (drows, tf.reshape(dl * grad_scale, tf.shape(lower)),
                     tf.reshape(du * grad_scale, tf.shape(upper)))
 
@@ -301,7 +304,8 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
 
     outputs = _quantize(rows, lower, upper)
     q = restore(outputs[0])
-    data_min, data_max = tf.stop_gradient(outputs[1]), tf.stop_gradient(outputs[2])
+    data_min = tf.stop_gradient(finish(outputs[1], tf.reduce_min))
+    data_max = tf.stop_gradient(finish(outputs[2], tf.reduce_max))
     sqnr = None
     if with_noise:
         sqnr = _mean_sqnr_from_powers(tf.stop_gradient(outputs[3]), outputs[4])

@@ -1,0 +1,133 @@
+"""train_main.py end to end on tiny data: float run, QAT from it, eval, resume, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_data import make_folder
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--architecture=mobilenet_v2_cifar_tiny", "--width=0.35", "--batch_size=8",
+        "--bn_momentum=0.9", "--calibration_batches=1"]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "train_main.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("images"), per_class=12, with_test=True)
+
+
+@pytest.fixture(scope="module")
+def float_run(folder, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("float")
+    result = run_cli(f"--dataset={folder}", f"--model_dir={model_dir}", "--mode=float",
+                     "--epochs=2", "--steps_per_epoch=2", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def _results(model_dir):
+    return json.loads((pathlib.Path(model_dir) / "results.json").read_text())
+
+
+def test_float_run_writes_results(float_run):
+    results = _results(float_run)
+    for key in ("config", "val_accuracy", "test_accuracy", "per_layer_sqnr_db",
+                "train_seconds", "images_per_second"):
+        assert key in results
+    assert results["config"]["mode"] == "float" and results["config"]["epochs"] == 2
+    assert 0.0 <= results["val_accuracy"] <= 1.0 and 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["train_seconds"] > 0 and results["images_per_second"] > 0
+    assert (float_run / "final" / "weights.index").exists()
+    assert any((float_run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_qat_run_from_the_float_run(folder, float_run, tmp_path):
+    result = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=qat",
+                     f"--init_from={float_run}", "--weight_bits=2", "--activation_bits=2",
+                     "--acd=decay", "--sqnr_weight=0.01", "--epochs=1", "--steps_per_epoch=2",
+                     *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = _results(tmp_path)
+    assert results["config"]["acd"] == "decay" and results["config"]["weight_bits"] == 2
+    sqnr = results["per_layer_sqnr_db"]
+    assert sqnr and all(isinstance(v, float) for v in sqnr.values())
+    assert "acd_lower_strength" in results["history"] and "mean_sqnr_db" in results["history"]
+    # A second run into finished results refuses; eval mode reads them.
+    again = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=qat",
+                    f"--init_from={float_run}", *TINY)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    evaluated = run_cli(f"--model_dir={tmp_path}", "--mode=eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed, _ = json.JSONDecoder().raw_decode(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert printed["val_accuracy"] == pytest.approx(results["val_accuracy"])
+
+
+def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
+    args = [f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=float", "--epochs=4",
+            "--steps_per_epoch=2", *TINY]
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([sys.executable, str(REPO / "train_main.py"), *args], env=env,
+                               cwd=str(REPO), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    log = ""
+    while time.time() < deadline and "Epoch 3/4" not in log:
+        line = process.stdout.readline()
+        if not line:
+            break
+        log += line
+    assert "Epoch 3/4" in log, log[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "results.json").exists()
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = _results(tmp_path)
+    # Epochs 1-2 were saved before the kill: this invocation ran only 3 and 4.
+    assert results["epochs_run_this_invocation"] == 2
+    assert "Epoch 3/4" in result.stdout + result.stderr
+    assert "Epoch 1/4" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset=/nonexistent/folder"], "dataset folder does not exist"),
+    (["--weight_bits=1"], "weight_bits must be an integer from 2 to 8"),
+    (["--config=CONFIG_WITH_TYPO"], "unknown config key 'wieght_bits'"),
+    (["--mode=qat", "--init_from=/nonexistent/run"], "no checkpoint there"),
+])
+def test_bad_input_exits_2_with_one_line(folder, tmp_path, args, message):
+    args = [a.replace("CONFIG_WITH_TYPO", str(tmp_path / "typo.yaml")) for a in args]
+    (tmp_path / "typo.yaml").write_text("wieght_bits: 2\n")
+    if not any(a.startswith("--dataset") for a in args):
+        args.append(f"--dataset={folder}")
+    result = run_cli(f"--model_dir={tmp_path / 'run'}", *args, *TINY)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_image_and_mismatched_init_exit_2(folder, float_run, tmp_path):
+    broken = make_folder(tmp_path / "broken", per_class=3)
+    (broken / "train" / "a_dog" / "0001.png").write_bytes(b"\x89PNG broken")
+    result = run_cli(f"--dataset={broken}", f"--model_dir={tmp_path / 'r1'}", *TINY)
+    assert result.returncode == 2 and "0001.png" in result.stderr
+    result = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'r2'}", "--mode=qat",
+                     f"--init_from={float_run}", "--architecture=mobilenet_v2_cifar",
+                     "--width=0.35", "--batch_size=8")
+    assert result.returncode == 2 and "does not match the model" in result.stderr, \
+        result.stderr[-2000:]

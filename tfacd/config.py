@@ -1,0 +1,150 @@
+"""Typed experiment configs: a YAML file sets an experiment, command-line flags override it.
+
+Every field's name is the name of its `train_main.py` flag, so a `results.json` `config`
+block, a YAML file and a command line all speak the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import yaml
+
+from tfacd import ops
+
+MODES = ("float", "qat", "eval", "export")
+GRANULARITIES = ("per_layer", "per_channel")
+ACD_CHOICES = ("off", "decay", "pull")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+class ConfigError(ValueError):
+    """A config value out of range, an unknown key, a wrong type: the message names it."""
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """One experiment. Defaults give a short float run on CIFAR-10."""
+
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    model_dir: str = "runs/default"
+    mode: str = "float"
+    init_from: str = ""
+    architecture: str = "mobilenet_v2_cifar"   # or "mobilenet_v2_cifar_tiny" (smoke tests)
+    width: float = 0.5
+    num_classes: int = 0                 # 0: from the dataset
+    weight_bits: int = 2
+    activation_bits: int = 2
+    first_last_bits: int = 8
+    granularity: str = "per_channel"
+    acd: str = "off"
+    acd_lower_strength: float = 0.01
+    acd_upper_strength: float = 0.01
+    acd_schedule: str = "cosine"
+    sqnr_weight: float = 0.0
+    tfmot_default: bool = False          # tfmot's own 8-bit QAT instead of tfacd's scheme
+    epochs: int = 1
+    batch_size: int = 128
+    learning_rate: float = 0.05
+    clip_norm: float = 5.0               # global gradient-norm clip; 0 turns it off
+    weight_decay: float = 4e-5
+    bn_momentum: float = 0.99
+    seed: int = 0
+    strategy: str = "default"
+    val_fraction: float = 0.1
+    steps_per_epoch: int = 0             # 0: the whole training split every epoch
+    calibration_batches: int = 4
+    overwrite: bool = False
+
+    def validate(self) -> "ExperimentConfig":
+        def need(condition, message):
+            if not condition:
+                raise ConfigError(message)
+
+        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.granularity in GRANULARITIES,
+             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        need(self.acd in ACD_CHOICES, f"acd must be one of {ACD_CHOICES}, got {self.acd!r}")
+        need(self.strategy in STRATEGIES,
+             f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        for name in ("weight_bits", "activation_bits", "first_last_bits"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and ops.MIN_BITS <= value <= ops.MAX_BITS,
+                 f"{name} must be an integer from {ops.MIN_BITS} to {ops.MAX_BITS}, "
+                 f"got {value!r}")
+        from tfacd.models import ARCHITECTURES  # pylint: disable=import-outside-toplevel
+        need(self.architecture in ARCHITECTURES,
+             f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
+        need(self.width > 0, f"width must be > 0, got {self.width!r}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        need(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm!r}")
+        need(self.sqnr_weight >= 0, f"sqnr_weight must be >= 0, got {self.sqnr_weight!r}")
+        need(0 <= self.val_fraction < 1,
+             f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        need(self.steps_per_epoch >= 0,
+             f"steps_per_epoch must be >= 0, got {self.steps_per_epoch!r}")
+        need(0 <= self.bn_momentum < 1, f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        need(0 <= self.acd_lower_strength and 0 <= self.acd_upper_strength,
+             "acd strengths must be >= 0")
+        need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes!r}")
+        need(self.calibration_batches >= 1, "calibration_batches must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
+
+def _coerce(name: str, value):
+    """Casts `value` to the type of field `name`, or raises a ConfigError naming both."""
+    kind = type(getattr(ExperimentConfig(), name))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    try:
+        result = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
+    if kind is int and isinstance(value, str) and str(result) != value.strip():
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    return result
+
+
+def from_dict(values: dict, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """A config from `base` (defaults) with `values` applied; unknown keys are errors."""
+    config = dataclasses.replace(base or ExperimentConfig())
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(FIELDS))})")
+        setattr(config, key, _coerce(key, value))
+    return config
+
+
+def load_yaml(path: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """Reads an experiment YAML (a flat mapping of flag names to values)."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    try:
+        return from_dict(values, base)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

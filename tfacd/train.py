@@ -1,0 +1,238 @@
+"""One experiment, end to end: data, model, float or QAT training, evaluation, results.json.
+
+`train_main.py` is the command line around `run(config)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+import tensorflow as tf
+
+import tfacd
+from tfacd import data as data_lib
+from tfacd._keras import keras
+from tfacd.config import ConfigError, ExperimentConfig
+
+RESULTS = "results.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+FINAL_WEIGHTS = "final/weights"       # a TF checkpoint prefix inside model_dir
+
+
+def make_strategy(name: str):
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"unknown strategy {name!r}")
+
+
+def _weights_prefix(init_from: str) -> str:
+    """A run directory or a checkpoint prefix -> the checkpoint prefix to load."""
+    path = pathlib.Path(init_from)
+    if path.is_dir():
+        path = path / FINAL_WEIGHTS
+    if not tf.io.gfile.exists(str(path) + ".index"):
+        raise ConfigError(f"--init_from={init_from}: no checkpoint there (expected a run "
+                          f"directory holding {FINAL_WEIGHTS}, or a checkpoint prefix)")
+    return str(path)
+
+
+def build_float_model(config: ExperimentConfig, splits: data_lib.Splits):
+    return tfacd.models.build(
+        config.architecture, width=config.width, num_classes=config.num_classes or splits.num_classes,
+        input_shape=splits.image_shape, bn_momentum=config.bn_momentum,
+        weight_decay=config.weight_decay)
+
+
+def quantize(config: ExperimentConfig, model):
+    """The QAT model for `config`: tfmot's default scheme or tfacd's."""
+    if config.tfmot_default:
+        import tensorflow_model_optimization as tfmot  # pylint: disable=import-outside-toplevel
+        return tfmot.quantization.keras.quantize_model(model)
+    return tfacd.quantize_model(
+        model, weight_bits=config.weight_bits, activation_bits=config.activation_bits,
+        granularity=config.granularity, first_last_bits=config.first_last_bits,
+        sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull")
+
+
+def load_weights(model, prefix: str, what: str):
+    try:
+        model.load_weights(prefix).assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise ConfigError(f"{what}={prefix} does not match the model: {first_line}") from None
+
+
+class ClipHistograms(keras.callbacks.Callback):
+    """Writes every quantizer's lower/upper clips and widths as TensorBoard histograms."""
+
+    def __init__(self, log_dir: str):
+        super().__init__()
+        self._writer = tf.summary.create_file_writer(os.path.join(log_dir, "clips"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self._writer.as_default(step=epoch):
+            for info in tfacd.list_quantizers(self.model):
+                name = f"{info.layer}/{info.tensor}"
+                tf.summary.histogram(f"{name}/lower", info.lower)
+                tf.summary.histogram(f"{name}/upper", info.upper)
+                tf.summary.histogram(f"{name}/width", np.asarray(info.upper - info.lower))
+        self._writer.flush()
+
+
+def _check_model_dir(config: ExperimentConfig) -> pathlib.Path:
+    model_dir = pathlib.Path(config.model_dir)
+    if (model_dir / RESULTS).exists() and not config.overwrite and config.mode != "eval":
+        raise ConfigError(f"{model_dir} holds finished results ({RESULTS}); pass "
+                          "--overwrite to train there again, or choose another --model_dir")
+    if config.overwrite and (model_dir / RESULTS).exists():
+        for stale in (RESULTS, "backup"):
+            target = model_dir / stale
+            if target.is_dir():
+                tf.io.gfile.rmtree(str(target))
+            elif target.exists():
+                target.unlink()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir
+
+
+def _optimizer(config: ExperimentConfig, total_steps: int):
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                      max(total_steps, 1))
+    # Low-bit QAT of a deep network can produce rare huge gradients (BatchNorm over channels
+    # that quantization made nearly constant); a global norm clip keeps one batch from
+    # wrecking the run.
+    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                global_clipnorm=config.clip_norm or None)
+
+
+def run(config: ExperimentConfig) -> dict:
+    """Runs the experiment `config` describes and returns (and writes) its results."""
+    config.validate()
+    if config.mode == "eval":
+        return evaluate_run(config)
+    if config.mode == "qat" and not config.init_from:
+        raise ConfigError("--mode=qat needs --init_from (a float run's model_dir or checkpoint)")
+    init_prefix = _weights_prefix(config.init_from) if config.init_from else None
+    model_dir = _check_model_dir(config)
+    keras.utils.set_random_seed(config.seed)
+
+    splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
+                           config.seed)
+    strategy = make_strategy(config.strategy)
+    batch = config.batch_size
+    train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
+                                   config.seed)
+    val_data = data_lib.pipeline(splits.x_val, splits.y_val, splits, batch, False)
+    full_steps = len(splits.x_train) // batch
+    if full_steps == 0:
+        raise ConfigError(f"batch_size {batch} is larger than the training split "
+                          f"({len(splits.x_train)} images)")
+    steps = min(config.steps_per_epoch or full_steps, full_steps)
+    if config.steps_per_epoch:
+        train_data = train_data.repeat()
+
+    with strategy.scope():
+        model = build_float_model(config, splits)
+        if init_prefix:
+            load_weights(model, init_prefix, "--init_from")
+        if config.mode == "qat":
+            model = quantize(config, model)
+            if not config.tfmot_default:
+                calibration = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch,
+                                                False)
+                tfacd.calibrate(model, calibration, config.calibration_batches)
+        model.compile(optimizer=_optimizer(config, steps * config.epochs),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+
+    callbacks = [keras.callbacks.BackupAndRestore(str(model_dir / "backup")),
+                 keras.callbacks.TerminateOnNaN()]
+    quantized = config.mode == "qat" and not config.tfmot_default
+    if quantized:
+        sample = next(iter(val_data))[0]
+        if config.acd == "decay" or config.acd == "pull":
+            callbacks.append(tfacd.callbacks.ClipDecay(
+                lower_strength=config.acd_lower_strength,
+                upper_strength=config.acd_upper_strength, schedule=config.acd_schedule,
+                mode=config.acd))
+        callbacks += [tfacd.sqnr.SQNRMonitor(sample[:64]),
+                      ClipHistograms(str(model_dir / "logs"))]
+    callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "logs")))
+
+    start = time.perf_counter()
+    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
+                        steps_per_epoch=steps, callbacks=callbacks, verbose=1)
+    train_seconds = time.perf_counter() - start
+    losses = history.history.get("loss", [])
+    if losses and not np.isfinite(losses[-1]) or model.stop_training:
+        raise TrainingDiverged(f"training diverged (loss {losses[-1] if losses else 'NaN'}); "
+                               "lower --learning_rate or --clip_norm and rerun with "
+                               "--overwrite")
+    model.save_weights(str(model_dir / FINAL_WEIGHTS))
+
+    results = _evaluate(model, splits, config, quantized)
+    epochs_run = len(history.history.get("loss", []))
+    results.update({
+        "config": config.to_dict(),
+        "train_seconds": train_seconds,
+        "epochs_run_this_invocation": epochs_run,
+        "images_per_second": (epochs_run * steps * batch / train_seconds
+                              if train_seconds > 0 and epochs_run else None),
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+    })
+    (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _evaluate(model, splits, config, quantized: bool) -> dict:
+    batch = config.batch_size
+    val_data = data_lib.pipeline(splits.x_val, splits.y_val, splits, batch, False)
+    val = model.evaluate(val_data, verbose=0, return_dict=True) if len(splits.x_val) else {}
+    test_accuracy = None
+    if splits.x_test is not None:
+        test_data = data_lib.pipeline(splits.x_test, splits.y_test, splits, batch, False)
+        test_accuracy = float(model.evaluate(test_data, verbose=0,
+                                             return_dict=True)["accuracy"])
+    per_layer = {}
+    if quantized and len(splits.x_val):
+        per_layer = tfacd.sqnr.measure(model, next(iter(val_data))[0])
+    return {
+        "val_accuracy": float(val["accuracy"]) if val else None,
+        "val_loss": float(val["loss"]) if val else None,
+        "test_accuracy": test_accuracy,
+        "per_layer_sqnr_db": per_layer,
+        "mean_sqnr_db": float(np.mean(list(per_layer.values()))) if per_layer else None,
+        "num_train": int(len(splits.x_train)), "num_val": int(len(splits.x_val)),
+        "num_test": None if splits.x_test is None else int(len(splits.x_test)),
+    }
+
+
+def evaluate_run(config: ExperimentConfig) -> dict:
+    """`--mode=eval`: rebuilds the run in `model_dir` from its results.json and evaluates it."""
+    model_dir = pathlib.Path(config.model_dir)
+    results_path = model_dir / RESULTS
+    if not results_path.is_file():
+        raise ConfigError(f"--mode=eval: {results_path} not found (train there first)")
+    saved = ExperimentConfig(**json.loads(results_path.read_text())["config"])
+    splits = data_lib.load(saved.dataset, saved.data_dir or None, saved.val_fraction,
+                           saved.seed)
+    model = build_float_model(saved, splits)
+    if saved.mode == "qat":
+        model = quantize(saved, model)
+    load_weights(model, str(model_dir / FINAL_WEIGHTS), "--model_dir")
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    results = _evaluate(model, splits, saved, saved.mode == "qat" and not saved.tfmot_default)
+    print(json.dumps({k: v for k, v in results.items() if k != "per_layer_sqnr_db"}, indent=2))
+    return results
