@@ -131,3 +131,41 @@ def test_corrupt_image_and_mismatched_init_exit_2(folder, float_run, tmp_path):
                      "--width=0.35", "--batch_size=8")
     assert result.returncode == 2 and "does not match the model" in result.stderr, \
         result.stderr[-2000:]
+
+
+def _free_ports(count):
+    import socket  # pylint: disable=import-outside-toplevel
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_two_workers_on_localhost_finish_and_agree(folder, tmp_path):
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    ports = _free_ports(2)
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    args = [f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=float", "--epochs=1",
+            "--steps_per_epoch=2", "--strategy=multi_worker", *TINY]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "train_main.py"), *args], env=env, cwd=str(REPO),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    assert _results(tmp_path)["config"]["strategy"] == "multi_worker"
+    readers = [tf.train.load_checkpoint(str(path / "final" / "weights"))
+               for path in (tmp_path, tmp_path / "worker_1")]
+    names = [n for n in readers[0].get_variable_to_shape_map() if "kernel" in n]
+    assert names
+    for name in names:
+        np.testing.assert_array_equal(readers[0].get_tensor(name), readers[1].get_tensor(name))

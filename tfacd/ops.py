@@ -41,6 +41,16 @@ The PACT-style backward pass (`gradient="pact"`) keeps only the clipped elements
 
 which is what `tf.quantization.fake_quant_with_min_max_vars*` provide.
 
+SQNR (`fake_quant_with_stats(..., sqnr_axis=...)`), per channel `c`::
+
+    SQNR_c = 10 log10(sum x^2 / (sum (x - q)^2 + eps))
+
+Its gradient reaches the clips through the same terms (the noise power's derivative,
+`-2 (x - q)`, is fed to `dq/dl`, `dq/du`) and never reaches `x`, so a loss on it tunes clips.
+
+The rounding is half up, `floor(v + 0.5)`, as in TensorFlow's FakeQuant kernels, whose output
+this reproduces for the same (nudged) clips.
+
 References:
 * Esser et al., "Learned Step Size Quantization", ICLR 2020 (arXiv:1902.08153).
 * Bhalgat et al., "LSQ+: Improving low-bit quantization through learnable offsets and better

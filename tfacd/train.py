@@ -106,6 +106,24 @@ def _check_model_dir(config: ExperimentConfig) -> pathlib.Path:
     return model_dir
 
 
+def _role(strategy) -> tuple[bool, int]:
+    """(is this the chief, task id). Only the chief writes the run's results and logs;
+    other workers write their weights under `model_dir/worker_<id>`."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True, 0
+    jobs = resolver.cluster_spec().as_dict()
+    if "chief" in jobs:
+        return resolver.task_type == "chief", int(resolver.task_id or 0)
+    return resolver.task_type == "worker" and int(resolver.task_id) == 0, int(resolver.task_id)
+
+
+def _worker_dir(config: ExperimentConfig, worker_id: int) -> pathlib.Path:
+    path = pathlib.Path(config.model_dir) / f"worker_{worker_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _optimizer(config: ExperimentConfig, total_steps: int):
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
                                                       max(total_steps, 1))
@@ -124,12 +142,14 @@ def run(config: ExperimentConfig) -> dict:
     if config.mode == "qat" and not config.init_from:
         raise ConfigError("--mode=qat needs --init_from (a float run's model_dir or checkpoint)")
     init_prefix = _weights_prefix(config.init_from) if config.init_from else None
-    model_dir = _check_model_dir(config)
+    # A multi-worker strategy must exist before any other TensorFlow op runs.
+    strategy = make_strategy(config.strategy)
+    chief, worker_id = _role(strategy)
+    model_dir = _check_model_dir(config) if chief else _worker_dir(config, worker_id)
     keras.utils.set_random_seed(config.seed)
 
     splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
                            config.seed)
-    strategy = make_strategy(config.strategy)
     batch = config.batch_size
     train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
                                    config.seed)
@@ -156,7 +176,9 @@ def run(config: ExperimentConfig) -> dict:
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
 
-    callbacks = [keras.callbacks.BackupAndRestore(str(model_dir / "backup")),
+    # One backup dir for all workers: Keras gives non-chief workers temporary copies itself.
+    backup_dir = pathlib.Path(config.model_dir) / "backup"
+    callbacks = [keras.callbacks.BackupAndRestore(str(backup_dir)),
                  keras.callbacks.TerminateOnNaN()]
     quantized = config.mode == "qat" and not config.tfmot_default
     if quantized:
@@ -166,9 +188,11 @@ def run(config: ExperimentConfig) -> dict:
                 lower_strength=config.acd_lower_strength,
                 upper_strength=config.acd_upper_strength, schedule=config.acd_schedule,
                 mode=config.acd))
-        callbacks += [tfacd.sqnr.SQNRMonitor(sample[:64]),
-                      ClipHistograms(str(model_dir / "logs"))]
-    callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "logs")))
+        callbacks.append(tfacd.sqnr.SQNRMonitor(sample[:64]))
+        if chief:
+            callbacks.append(ClipHistograms(str(model_dir / "logs")))
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "logs")))
 
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -191,7 +215,8 @@ def run(config: ExperimentConfig) -> dict:
                               if train_seconds > 0 and epochs_run else None),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
     })
-    (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    if chief:
+        (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
     return results
 
 
