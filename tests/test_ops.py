@@ -287,3 +287,17 @@ def test_out_of_range_penalty_is_split_and_reaches_only_x():
     gx, gl, gu = tape.gradient(total, [x, lower, upper])
     np.testing.assert_allclose(gx.numpy(), [-4.0 / 3, 0.0, 2.0 / 3])
     assert gl is None and gu is None
+
+
+def test_mse_search_samples_the_whole_map_not_one_column():
+    # NHWC activations whose left border column is zero (a padding effect) and whose interior
+    # spans [0, 6]. An evenly strided row sample (stride 32 on 32-wide maps) saw only the zero
+    # column and clipped the channel to nothing; the search must see the interior.
+    x = np.random.default_rng(9).uniform(0, 6, size=(64, 32, 32, 4)).astype("float32")
+    x[:, :, 0, :] = 0.0
+    for bits in (2, 8):
+        lower, upper = ops.init_clips_mse(x, bits, axis=-1)
+        np.testing.assert_allclose(lower.numpy(), 0.0)
+        assert np.all(upper.numpy() > 0.6 * 6.0), upper.numpy()
+        q = ops.quantize_forward(x, lower, upper, bits, -1).numpy()
+        assert np.mean((x - q) ** 2) < 0.2 * np.var(x)

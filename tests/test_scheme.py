@@ -201,3 +201,18 @@ def test_keras_applications_mobilenet_v2_quantizes():
     assert len(weights) == kinds["Conv2D"] + kinds["DepthwiseConv2D"] + kinds["Dense"]
     out = qat(np.zeros([1, 32, 32, 3], "float32"), training=False)
     assert out.shape == (1, 10) and np.all(np.isfinite(out.numpy()))
+
+
+def test_8bit_model_tracks_the_float_model_on_32x32_maps():
+    # 8-bit quantization must be nearly lossless: every quantizer of a MobileNetV2-shaped model
+    # together may move the logits by a few percent, not more.
+    tf.random.set_seed(1)
+    model = tfacd.models.build("mobilenet_v2_cifar_tiny", width=0.5, num_classes=10)
+    x = np.random.default_rng(3).normal(size=(32, 32, 32, 3)).astype("float32")
+    expected = model(x, training=False).numpy()
+    qat = tfacd.quantize_model(model, weight_bits=8, activation_bits=8)
+    tfacd.calibrate(qat, x)
+    actual = qat(x, training=False).numpy()
+    relative = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert relative < 0.05, relative
+    assert np.mean(actual.argmax(-1) == expected.argmax(-1)) >= 0.9

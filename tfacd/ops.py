@@ -384,7 +384,11 @@ def mean_sqnr_db(x, q, axis: int | None):
 # --------------------------------------------------------------------------------------------
 
 def _as_rows(x, axis: int | None, max_rows: int | None):
-    """Reshapes `x` to `[rows, C]` (C=1 per tensor), keeping at most `max_rows` evenly spaced rows."""
+    """Reshapes `x` to `[rows, C]` (C=1 per tensor), keeping at most `max_rows` rows.
+
+    The kept rows are drawn at random with a fixed seed. (An evenly strided pick aliases with
+    the image width: a stride of 32 on 32-wide NHWC maps keeps only the left border column.)
+    """
     x = tf.convert_to_tensor(x, tf.float32)
     if axis is None:
         rows = tf.reshape(x, [-1, 1])
@@ -395,8 +399,9 @@ def _as_rows(x, axis: int | None, max_rows: int | None):
         rows = tf.reshape(tf.transpose(x, perm), [-1, x.shape[axis]])
     if max_rows is not None:
         count = tf.shape(rows)[0]
-        stride = tf.maximum(count // max_rows, 1)
-        rows = rows[::stride][:max_rows]
+        picked = tf.random.stateless_uniform([max_rows], seed=[17, 29], minval=0,
+                                             maxval=count, dtype=tf.int32)
+        rows = tf.cond(count > max_rows, lambda: tf.gather(rows, picked), lambda: rows)
     return rows
 
 
@@ -426,13 +431,14 @@ def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_po
     over `u = f * max` for `num_candidates` fractions `f` in `[min_fraction, 1]` with the lower
     clip fixed, then the lower clip the same way with the upper fixed, `passes` times. Lower and
     upper are searched separately because activations and depthwise weights are rarely
-    symmetric. At most `max_rows` evenly spaced positions per channel are used, which keeps the
-    search cheap on large activation tensors.
+    symmetric. The candidates span the full data range; the error is measured on at most
+    `max_rows` positions per channel drawn at random (fixed seed), which keeps the search cheap
+    on large activation tensors.
     """
     num_bits = check_bits(num_bits)
-    rows = _as_rows(x, axis, max_rows)                              # [R, C]
-    data_min = tf.minimum(tf.reduce_min(rows, axis=0), 0.0)         # [C]
-    data_max = tf.maximum(tf.reduce_max(rows, axis=0), 0.0)
+    data_min, data_max = init_clips_minmax(x, axis)                # full range, [C]
+    data_min, data_max = tf.reshape(data_min, [-1]), tf.reshape(data_max, [-1])
+    rows = _as_rows(x, axis, max_rows)                              # [R, C] sample
     fractions = tf.linspace(min_fraction, 1.0, num_candidates)[:, None]  # [K, 1]
 
     def errors(lowers, uppers):                                     # [K, C] each -> [K, C]
@@ -445,7 +451,7 @@ def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_po
         pick = tf.one_hot(tf.argmin(err, axis=0), num_candidates, axis=0)
         return tf.reduce_sum(candidates * pick, axis=0)
 
-    lower, upper = data_min, tf.maximum(data_max, data_min + MIN_RANGE)
+    lower, upper = data_min, data_max
     for _ in range(passes):
         cand_u = tf.maximum(fractions * data_max[None], lower[None] + MIN_RANGE)
         upper = best(cand_u, errors(tf.broadcast_to(lower[None], tf.shape(cand_u)), cand_u))
@@ -457,13 +463,18 @@ def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_po
 INIT_METHODS = ("minmax", "mse")
 
 
+def check_init_method(method: str) -> str:
+    if method not in INIT_METHODS:
+        raise ValueError(f"init_method must be one of {INIT_METHODS}, got {method!r}")
+    return method
+
+
 def init_clips(x, num_bits: int, axis: int | None, method: str, integer_zero_point=True):
     """Dispatches to `init_clips_minmax` or `init_clips_mse`."""
     if method == "minmax":
         return init_clips_minmax(x, axis)
-    if method == "mse":
-        return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point)
-    raise ValueError(f"clip init method must be one of {INIT_METHODS}, got {method!r}")
+    check_init_method(method)
+    return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point)
 
 
 # --------------------------------------------------------------------------------------------

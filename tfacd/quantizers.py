@@ -109,10 +109,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.gradient = ops.check_gradient(gradient)
-        if init_method not in ops.INIT_METHODS:
-            raise ValueError(f"init_method must be one of {ops.INIT_METHODS}, "
-                             f"got {init_method!r}")
-        self.init_method = init_method
+        self.init_method = ops.check_init_method(init_method)
         self.integer_zero_point = bool(integer_zero_point)
         if not float(sqnr_loss_weight) >= 0.0:
             raise ValueError(f"sqnr_loss_weight must be >= 0, got {sqnr_loss_weight!r}")

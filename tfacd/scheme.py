@@ -89,10 +89,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         if not self.sqnr_weight >= 0.0:
             raise ValueError(f"sqnr_weight must be >= 0, got {sqnr_weight!r}")
         self.gradient = ops.check_gradient(gradient)
-        if init_method not in ops.INIT_METHODS:
-            raise ValueError(f"init_method must be one of {ops.INIT_METHODS}, "
-                             f"got {init_method!r}")
-        self.init_method = init_method
+        self.init_method = ops.check_init_method(init_method)
         self.integer_zero_point = bool(integer_zero_point)
         self.acd_pull = bool(acd_pull)
         self.quantize_input = bool(quantize_input)
