@@ -169,3 +169,27 @@ def test_two_workers_on_localhost_finish_and_agree(folder, tmp_path):
     assert names
     for name in names:
         np.testing.assert_array_equal(readers[0].get_tensor(name), readers[1].get_tensor(name))
+
+
+def test_float_then_qat_on_mocked_cifar10(tmp_path):
+    # The tfds route end to end, in process (tfds' mock patches this process only).
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+    from tfacd import config as config_lib  # pylint: disable=import-outside-toplevel
+    from tfacd import train  # pylint: disable=import-outside-toplevel
+    common = dict(dataset="cifar10", architecture="mobilenet_v2_cifar_tiny", width=0.35,
+                  batch_size=8, bn_momentum=0.9, epochs=1, steps_per_epoch=2,
+                  calibration_batches=1)
+    with tfds.testing.mock_data(num_examples=40):
+        float_results = train.run(config_lib.from_dict(
+            dict(common, mode="float", model_dir=str(tmp_path / "float"))))
+        qat_results = train.run(config_lib.from_dict(
+            dict(common, mode="qat", model_dir=str(tmp_path / "qat"),
+                 init_from=str(tmp_path / "float"), weight_bits=4, activation_bits=4,
+                 granularity="per_layer")))
+    for results in (float_results, qat_results):
+        assert 0.0 <= results["val_accuracy"] <= 1.0
+        assert results["num_test"] == 40 and results["test_accuracy"] is not None
+    assert qat_results["per_layer_sqnr_db"] and float_results["per_layer_sqnr_db"] == {}
+    assert json.loads((tmp_path / "qat" / "results.json").read_text())["config"][
+        "granularity"] == "per_layer"

@@ -67,7 +67,8 @@ def quantize(config: ExperimentConfig, model):
 
 def load_weights(model, prefix: str, what: str):
     try:
-        model.load_weights(prefix).assert_existing_objects_matched()
+        # A float run's checkpoint also holds its optimizer state, which is not wanted here.
+        model.load_weights(prefix).assert_existing_objects_matched().expect_partial()
     except (ValueError, AssertionError, tf.errors.OpError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise ConfigError(f"{what}={prefix} does not match the model: {first_line}") from None
