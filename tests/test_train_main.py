@@ -193,3 +193,16 @@ def test_float_then_qat_on_mocked_cifar10(tmp_path):
     assert qat_results["per_layer_sqnr_db"] and float_results["per_layer_sqnr_db"] == {}
     assert json.loads((tmp_path / "qat" / "results.json").read_text())["config"][
         "granularity"] == "per_layer"
+
+
+def test_qat_without_a_validation_split(folder, float_run, tmp_path):
+    # --val_fraction=0 is allowed: no validation during training, SQNR monitored on training
+    # images, val_accuracy null in the results.
+    result = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=qat",
+                     f"--init_from={float_run}", "--val_fraction=0", "--acd=decay",
+                     "--epochs=1", "--steps_per_epoch=2", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = _results(tmp_path)
+    assert results["val_accuracy"] is None and results["num_val"] == 0
+    assert results["test_accuracy"] is not None
+    assert len(results["history"]["mean_sqnr_db"]) == 1

@@ -471,9 +471,8 @@ def check_init_method(method: str) -> str:
 
 def init_clips(x, num_bits: int, axis: int | None, method: str, integer_zero_point=True):
     """Dispatches to `init_clips_minmax` or `init_clips_mse`."""
-    if method == "minmax":
+    if check_init_method(method) == "minmax":
         return init_clips_minmax(x, axis)
-    check_init_method(method)
     return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point)
 
 

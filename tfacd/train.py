@@ -154,7 +154,12 @@ def run(config: ExperimentConfig) -> dict:
     batch = config.batch_size
     train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
                                    config.seed)
-    val_data = data_lib.pipeline(splits.x_val, splits.y_val, splits, batch, False)
+    # --val_fraction=0 leaves no validation split: train without one.
+    val_data = (data_lib.pipeline(splits.x_val, splits.y_val, splits, batch, False)
+                if len(splits.x_val) else None)
+    # Training images in order, unaugmented: clip calibration, and SQNR when there is no
+    # validation split to measure it on.
+    train_eval_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, False)
     full_steps = len(splits.x_train) // batch
     if full_steps == 0:
         raise ConfigError(f"batch_size {batch} is larger than the training split "
@@ -170,9 +175,7 @@ def run(config: ExperimentConfig) -> dict:
         if config.mode == "qat":
             model = quantize(config, model)
             if not config.tfmot_default:
-                calibration = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch,
-                                                False)
-                tfacd.calibrate(model, calibration, config.calibration_batches)
+                tfacd.calibrate(model, train_eval_data, config.calibration_batches)
         model.compile(optimizer=_optimizer(config, steps * config.epochs),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
@@ -183,8 +186,8 @@ def run(config: ExperimentConfig) -> dict:
                  keras.callbacks.TerminateOnNaN()]
     quantized = config.mode == "qat" and not config.tfmot_default
     if quantized:
-        sample = next(iter(val_data))[0]
-        if config.acd == "decay" or config.acd == "pull":
+        sample = next(iter(val_data if val_data is not None else train_eval_data))[0]
+        if config.acd != "off":
             callbacks.append(tfacd.callbacks.ClipDecay(
                 lower_strength=config.acd_lower_strength,
                 upper_strength=config.acd_upper_strength, schedule=config.acd_schedule,
