@@ -45,10 +45,11 @@ def main(argv):
         return 2
     from tfacd import data as data_lib  # pylint: disable=import-outside-toplevel
     from tfacd import train  # pylint: disable=import-outside-toplevel
+    from tfacd.export import ExportError  # pylint: disable=import-outside-toplevel
     try:
         config = build_config()
         results = train.run(config)
-    except (config_lib.ConfigError, data_lib.DataError) as error:
+    except (config_lib.ConfigError, data_lib.DataError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except train.TrainingDiverged as error:
@@ -56,6 +57,9 @@ def main(argv):
         return 3
     summary = {k: results.get(k) for k in ("val_accuracy", "test_accuracy", "mean_sqnr_db",
                                            "train_seconds", "images_per_second")}
+    if results.get("tflite"):
+        summary["tflite_accuracy"] = results["tflite"].get("accuracy")
+        summary["tflite_top1_agreement"] = results["tflite"].get("top1_agreement")
     print(f"results: {summary} -> {os.path.join(config.model_dir, train.RESULTS)}")
     return 0
 

@@ -74,6 +74,38 @@ def test_qat_run_from_the_float_run(folder, float_run, tmp_path):
     printed, _ = json.JSONDecoder().raw_decode(evaluated.stdout[evaluated.stdout.index("{"):])
     assert printed["val_accuracy"] == pytest.approx(results["val_accuracy"])
 
+    # The QAT run exported itself: model.tflite, its report, and a summary in results.json.
+    tflite = results["tflite"]
+    assert (tmp_path / "model.tflite").stat().st_size == tflite["file_bytes"]
+    report = json.loads((tmp_path / "model_report.json").read_text())
+    assert report["all_weight_zero_points_zero"] and report["all_distinct_within_2^bits"]
+    assert tflite["num_examples"] == results["num_val"]
+    assert 0.0 <= tflite["top1_agreement"] <= 1.0
+    # Anyone can score the file on the folder's validation split with the file alone.
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    scored = subprocess.run([sys.executable, "-m", "tfacd.evaluate",
+                             f"--tflite={tmp_path / 'model.tflite'}", f"--data={folder}"],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    top1 = float(scored.stdout.split("top-1 ")[1].split()[0])
+    assert top1 == pytest.approx(tflite["accuracy"], abs=1e-4)
+
+
+def test_export_mode_on_a_float_run_and_bad_exports(folder, float_run, tmp_path):
+    result = run_cli(f"--model_dir={float_run}", "--mode=export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = _results(float_run)
+    assert results["tflite"]["file_bytes"] == (float_run / "model.tflite").stat().st_size
+    # Float TFLite vs the float Keras model: the same function.
+    assert results["tflite"]["top1_agreement"] >= 0.99
+    missing = run_cli(f"--model_dir={tmp_path / 'nothing'}", "--mode=export")
+    assert missing.returncode == 2 and "results.json" in missing.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    scored = subprocess.run([sys.executable, "-m", "tfacd.evaluate",
+                             f"--tflite={tmp_path / 'none.tflite'}", f"--data={folder}"],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+    assert scored.returncode == 2 and "not found" in scored.stderr
+
 
 def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
     args = [f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=float", "--epochs=4",
@@ -186,7 +218,7 @@ def test_float_then_qat_on_mocked_cifar10(tmp_path):
         qat_results = train.run(config_lib.from_dict(
             dict(common, mode="qat", model_dir=str(tmp_path / "qat"),
                  init_from=str(tmp_path / "float"), weight_bits=4, activation_bits=4,
-                 granularity="per_layer")))
+                 granularity="per_layer", export=False)))
     for results in (float_results, qat_results):
         assert 0.0 <= results["val_accuracy"] <= 1.0
         assert results["num_test"] == 40 and results["test_accuracy"] is not None
@@ -200,7 +232,7 @@ def test_qat_without_a_validation_split(folder, float_run, tmp_path):
     # images, val_accuracy null in the results.
     result = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=qat",
                      f"--init_from={float_run}", "--val_fraction=0", "--acd=decay",
-                     "--epochs=1", "--steps_per_epoch=2", *TINY)
+                     "--epochs=1", "--steps_per_epoch=2", "--export=false", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     results = _results(tmp_path)
     assert results["val_accuracy"] is None and results["num_val"] == 0

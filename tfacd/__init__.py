@@ -15,11 +15,14 @@ from tfacd.quantizers import ClipQuantizer, QuantizerInfo, iter_quantizers, list
 from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry  # noqa: E402
 from tfacd.scheme import QuantizeScheme, calibrate, quantize_model, quantize_scope  # noqa: E402
 from tfacd import models  # noqa: E402
+from tfacd.export import ExportError, export_tflite  # noqa: E402
+from tfacd.model_summary import summary  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClipQuantizeConfig", "ClipQuantizeRegistry", "ClipQuantizer", "QuantizeScheme",
+    "ClipQuantizeConfig", "ClipQuantizeRegistry", "ClipQuantizer", "ExportError", "QuantizeScheme",
     "QuantizerInfo", "calibrate", "callbacks", "iter_quantizers", "list_quantizers", "models",
-    "mobilenet_v2_cifar", "ops", "quantize_model", "quantize_scope", "sqnr",
+    "mobilenet_v2_cifar", "ops", "quantize_model", "quantize_scope", "sqnr", "summary",
+    "export_tflite",
 ]

@@ -17,6 +17,8 @@ MODES = ("float", "qat", "eval", "export")
 GRANULARITIES = ("per_layer", "per_channel")
 ACD_CHOICES = ("off", "decay", "pull")
 STRATEGIES = ("default", "mirrored", "multi_worker")
+EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
+ACTIVATION_POLICIES = ("clamp", "round")      # tfacd.export.ACTIVATION_POLICIES
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,9 @@ class ExperimentConfig:
     steps_per_epoch: int = 0             # 0: the whole training split every epoch
     calibration_batches: int = 4
     overwrite: bool = False
+    export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
+    export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
+    activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
 
     def validate(self) -> "ExperimentConfig":
         def need(condition, message):
@@ -92,6 +97,12 @@ class ExperimentConfig:
              "acd strengths must be >= 0")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes!r}")
         need(self.calibration_batches >= 1, "calibration_batches must be >= 1")
+        need(self.export_input_type in EXPORT_INPUT_TYPES,
+             f"export_input_type must be one of {EXPORT_INPUT_TYPES}, "
+             f"got {self.export_input_type!r}")
+        need(self.activation_policy in ACTIVATION_POLICIES,
+             f"activation_policy must be one of {ACTIVATION_POLICIES}, "
+             f"got {self.activation_policy!r}")
         return self
 
     def to_dict(self) -> dict:

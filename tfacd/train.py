@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -19,6 +20,8 @@ from tfacd._keras import keras
 from tfacd.config import ConfigError, ExperimentConfig
 
 RESULTS = "results.json"
+TFLITE = "model.tflite"
+EXPORT_REPORT = "model_report.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -140,6 +143,8 @@ def run(config: ExperimentConfig) -> dict:
     config.validate()
     if config.mode == "eval":
         return evaluate_run(config)
+    if config.mode == "export":
+        return export_run(config)
     if config.mode == "qat" and not config.init_from:
         raise ConfigError("--mode=qat needs --init_from (a float run's model_dir or checkpoint)")
     init_prefix = _weights_prefix(config.init_from) if config.init_from else None
@@ -219,8 +224,63 @@ def run(config: ExperimentConfig) -> dict:
                               if train_seconds > 0 and epochs_run else None),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
     })
+    if chief and config.export and quantized:
+        results["tflite"] = _export(model, config, splits, model_dir)
     if chief:
         (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) -> dict:
+    """Writes `model.tflite` and its report into `model_dir`; returns the results' summary
+    of it. Float models get a float TFLite file; QAT models the baked int8 one."""
+    from tfacd import export  # pylint: disable=import-outside-toplevel
+    path = model_dir / TFLITE
+    report_path = model_dir / EXPORT_REPORT
+    pixels, labels = splits.x_val, splits.y_val
+    if not len(pixels):                 # no validation split: check on training images
+        pixels, labels = splits.x_train[:1000], splits.y_train[:1000]
+    if config.mode == "qat" and not config.tfmot_default:
+        export.export_tflite(model, path, input_mean=splits.mean, input_std=splits.std,
+                             input_type=config.export_input_type,
+                             activation_policy=config.activation_policy, data=pixels,
+                             labels=labels, report_path=report_path)
+        report = json.loads(report_path.read_text())
+    else:
+        export.export_float_tflite(model, path, input_mean=splits.mean, input_std=splits.std)
+        report = {"path": str(path), "file_bytes": path.stat().st_size, "float": True,
+                  "fidelity": export.fidelity(model, path.read_bytes(), pixels, labels,
+                                              splits.mean, splits.std)}
+        report_path.write_text(json.dumps(report, indent=2))
+        print(export.format_report({**report, "float_file_bytes": None,
+                                    "all_weight_zero_points_zero": "n/a (float)",
+                                    "all_distinct_within_2^bits": "n/a (float)",
+                                    "clamped_weights": 0, "op_histogram":
+                                    export.op_histogram(path)}))
+    fidelity = report.get("fidelity", {})
+    return {"path": str(path), "report": str(report_path), "file_bytes": report["file_bytes"],
+            "size_vs_float": report.get("size_vs_float"),
+            "top1_agreement": fidelity.get("top1_agreement"),
+            "accuracy": fidelity.get("tflite_accuracy"),
+            "keras_accuracy": fidelity.get("keras_accuracy"),
+            "num_examples": fidelity.get("num_examples")}
+
+
+def export_run(config: ExperimentConfig) -> dict:
+    """`--mode=export`: rebuilds the run in `model_dir` and writes `model.tflite` and its
+    report there (and the summary into results.json)."""
+    model_dir = pathlib.Path(config.model_dir)
+    model, splits, saved = _rebuild(model_dir, "--mode=export")
+    saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
+                                activation_policy=config.activation_policy)
+    if saved.tfmot_default:
+        raise ConfigError(f"{model_dir} is a tfmot default QAT run; tfacd exports tfacd "
+                          "runs (convert tfmot models with tf.lite.TFLiteConverter)")
+    summary = _export(model, saved, splits, model_dir)
+    results_path = model_dir / RESULTS
+    results = json.loads(results_path.read_text())
+    results["tflite"] = summary
+    results_path.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -247,19 +307,26 @@ def _evaluate(model, splits, config, quantized: bool) -> dict:
     }
 
 
-def evaluate_run(config: ExperimentConfig) -> dict:
-    """`--mode=eval`: rebuilds the run in `model_dir` from its results.json and evaluates it."""
-    model_dir = pathlib.Path(config.model_dir)
+def _rebuild(model_dir: pathlib.Path, what: str):
+    """(model with the run's final weights, its data splits, its config) from a run dir."""
     results_path = model_dir / RESULTS
     if not results_path.is_file():
-        raise ConfigError(f"--mode=eval: {results_path} not found (train there first)")
-    saved = ExperimentConfig(**json.loads(results_path.read_text())["config"])
+        raise ConfigError(f"{what}: {results_path} not found (train there first)")
+    saved_values = json.loads(results_path.read_text())["config"]
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    saved = ExperimentConfig(**{k: v for k, v in saved_values.items() if k in known})
     splits = data_lib.load(saved.dataset, saved.data_dir or None, saved.val_fraction,
                            saved.seed)
     model = build_float_model(saved, splits)
     if saved.mode == "qat":
         model = quantize(saved, model)
     load_weights(model, str(model_dir / FINAL_WEIGHTS), "--model_dir")
+    return model, splits, saved
+
+
+def evaluate_run(config: ExperimentConfig) -> dict:
+    """`--mode=eval`: rebuilds the run in `model_dir` from its results.json and evaluates it."""
+    model, splits, saved = _rebuild(pathlib.Path(config.model_dir), "--mode=eval")
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     results = _evaluate(model, splits, saved, saved.mode == "qat" and not saved.tfmot_default)

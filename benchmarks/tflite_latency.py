@@ -1,0 +1,101 @@
+"""Batch-1 latency of an exported int8 tfacd model vs the float TFLite model, in one run.
+
+Usage:
+    python benchmarks/tflite_latency.py --model_dir RUN      # a QAT run with model.tflite
+    python benchmarks/tflite_latency.py                      # a fresh MobileNetV2-CIFAR
+
+Both files are run by the same LiteRT interpreter build with the same settings (`--threads`,
+XNNPACK on, as users get it by default), on the same random pixels, alternating rounds so that
+machine noise hits both alike. Without `--model_dir` the script quantizes an untrained
+MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`, calibrated on random pixels):
+latency does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import tfacd  # noqa: E402
+from tfacd import export  # noqa: E402
+
+
+def latency(path, pixels, threads: int, repeats: int) -> float:
+    runner = export.interpreter(path, num_threads=threads)
+    detail = runner.get_input_details()[0]
+    runner.resize_tensor_input(detail["index"], pixels.shape)
+    runner.allocate_tensors()
+    runner.set_tensor(detail["index"], export._to_input(  # pylint: disable=protected-access
+        pixels, runner.get_input_details()[0]))
+    for _ in range(5):
+        runner.invoke()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner.invoke()
+    return (time.perf_counter() - start) / repeats
+
+
+def build_files(args, folder: pathlib.Path):
+    if args.model_dir:
+        int8 = pathlib.Path(args.model_dir) / "model.tflite"
+        if not int8.is_file():
+            raise SystemExit(f"error: {int8} not found (run train_main.py --mode=export first)")
+        # The float file of the same run: the same weights, unquantized, BN folded.
+        from tfacd import train  # pylint: disable=import-outside-toplevel
+        model, splits, _ = train._rebuild(  # pylint: disable=protected-access
+            pathlib.Path(args.model_dir), "benchmark")
+        float_file = export.export_float_tflite(model, folder / "float.tflite",
+                                                input_mean=splits.mean, input_std=splits.std)
+        return int8, float_file, splits.image_shape
+    shape = (32, 32, 3)
+    model = tfacd.mobilenet_v2_cifar(width=args.width, num_classes=10, input_shape=shape)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, *shape)).astype("float32")
+    mean, std = np.full(3, 127.5), np.full(3, 64.0)
+    qat = tfacd.quantize_model(model, weight_bits=args.bits, activation_bits=args.bits,
+                               granularity=args.granularity)
+    tfacd.calibrate(qat, (pixels - mean) / std)
+    int8 = export.export_tflite(qat, folder / "int8.tflite", input_mean=mean, input_std=std,
+                                input_type="uint8", float_reference=False, verbose=False)
+    float_file = export.export_float_tflite(model, folder / "float.tflite", input_mean=mean,
+                                            input_std=std)
+    return int8, float_file, shape
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model_dir", default="")
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--granularity", default="per_channel",
+                        choices=("per_channel", "per_layer"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        int8, float_file, shape = build_files(args, pathlib.Path(tmp))
+        pixels = np.random.default_rng(1).integers(0, 256, (1, *shape)).astype("float32")
+        int8_times, float_times = [], []
+        for _ in range(args.rounds):
+            float_times.append(latency(float_file, pixels, args.threads, args.repeats))
+            int8_times.append(latency(int8, pixels, args.threads, args.repeats))
+        int8_size, float_size = pathlib.Path(int8).stat().st_size, float_file.stat().st_size
+    best_int8, best_float = min(int8_times), min(float_times)
+    print(f"interpreter: ai_edge_litert, XNNPACK default delegate, {args.threads} thread(s), "
+          f"batch 1, best of {args.rounds} rounds x {args.repeats} invokes")
+    print(f"float TFLite: {best_float * 1e3:8.3f} ms/image   {float_size:,} bytes")
+    print(f"int8 TFLite:  {best_int8 * 1e3:8.3f} ms/image   {int8_size:,} bytes")
+    print(f"int8 / float latency: {best_int8 / best_float:.3f}x   "
+          f"size: {int8_size / float_size:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,818 @@
+"""TFLite export: bake a tfacd QAT model into what TFLite can run, convert, and check it.
+
+The TFLite converter (TF 2.21) turns per-channel weight fake-quant into int8 per-axis weights,
+but refuses asymmetric weight zero points, activation fake-quant below 8 bits and per-channel
+activation fake-quant. `bake` rewrites the trained model into an equivalent inference graph that
+uses only what it accepts; `export_tflite` converts that graph and writes an export report.
+
+What the bake does, and what is exact
+------------------------------------
+* **Weights (exact).** A k-bit weight channel with nudged clips `l' = -z s`, `u' = (n - z) s`
+  holds values `m s`, `m` an integer in `[-z, n - z]`. BatchNormalization after the layer is
+  folded in (`w' = w * gamma / sqrt(var + eps)` per output channel, bias likewise), which scales
+  the step per output channel and keeps `m`. The folded kernel is emitted as an 8-bit symmetric
+  per-channel fake-quant with range `[-127 s', 127 s']`, so TFLite stores exactly `m` as int8
+  with scale `s'` and zero point 0. An 8-bit weight channel whose grid reaches `-128` cannot be
+  held by TFLite's symmetric `[-127, 127]`; those few values are clamped to `-127` and the
+  report counts them (`clamped_weights`).
+* **Per-tensor activations (exact).** A k-bit activation with clips `[l', u']` and step `s` is
+  emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
+  the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
+  rounding equals rounding after clamping, and TFLite's int8 tensor holds the k-bit values
+  exactly.
+* **Per-channel activations (a policy).** TFLite has one scale per activation tensor. The
+  tensor is quantized to 8 bits over the union of the channels' ranges, `[min_c l'_c,
+  max_c u'_c]`, and each channel keeps its own clips as per-channel `maximum`/`minimum`
+  constants. Then:
+
+  - `activation_policy="clamp"` (all int8): each channel's clip is kept; its k-bit rounding is
+    replaced by the union's 8-bit rounding (finer). Approximate.
+  - `activation_policy="round"`: additionally rounds each channel to its own k-bit grid in
+    float (`DEQUANTIZE`, `FLOOR`/`MUL`/`ADD`, `QUANTIZE` around the tensor), then back onto the
+    union grid. Values match the Keras model up to half a union step; the price is float ops
+    on those tensors. `tfacd.export.measure_policies` compares the two on data.
+
+* **Input.** The file takes raw RGB pixels (0-255) and normalizes them itself, as a 1x1
+  depthwise convolution (`(p - mean_c) / std_c`, int8) followed by the model's input quantizer.
+
+The LiteRT interpreter (`ai_edge_litert`) runs the files; `tf.lite.Interpreter` is deprecated.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import pathlib
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
+
+from tfacd import ops
+from tfacd._keras import keras
+from tfacd.quantizers import ClipQuantizer, effective_clips
+
+ACTIVATION_POLICIES = ("clamp", "round")
+IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
+_BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
+_INT8_MAX = 127
+
+
+class ExportError(ValueError):
+    """The model or the options cannot be exported; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------
+# Reading the QAT model
+# ------------------------------------------------------------------------------------------
+
+def _inner(layer):
+    return layer.layer if isinstance(layer, quantize_wrapper.QuantizeWrapper) else layer
+
+
+def _weight_quantizers(layer) -> dict:
+    """`{attribute: (float variable, quantizer, quantizer variables)}` of a wrapped layer."""
+    found = {}
+    for weight, quantizer, variables in getattr(layer, "_weight_vars", []):
+        attribute = weight.name.split("/")[-1].split(":")[0]
+        found[attribute] = (weight, quantizer, variables)
+    return found
+
+
+def _output_quantizer(layer):
+    """`(quantizer, variables)` of a wrapped layer's output, or `(None, None)`."""
+    if isinstance(layer, quantize_layer.QuantizeLayer):
+        return layer.quantizer, layer.quantizer_vars
+    quantizers = getattr(layer, "_output_quantizers", None) or []
+    if quantizers:
+        return quantizers[0], layer._output_quantizer_vars  # pylint: disable=protected-access
+    return None, None
+
+
+def check_exportable(model):
+    """Raises `ExportError` unless `model` is a tfacd-quantized tf_keras model."""
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"expected a tf_keras model, got {type(model).__name__}")
+    wrappers = [layer for layer in model.layers
+                if isinstance(layer, (quantize_wrapper.QuantizeWrapper,
+                                      quantize_layer.QuantizeLayer))]
+    if not wrappers:
+        raise ExportError(f"model {model.name!r} was never quantized: export_tflite takes a "
+                          "model from tfacd.quantize_model (use export_float_tflite for a "
+                          "float model)")
+    foreign = [layer.name for layer in wrappers
+               if any(not isinstance(q, ClipQuantizer) for _, q, _ in
+                      getattr(layer, "_weight_vars", []))
+               or (_output_quantizer(layer)[0] is not None
+                   and not isinstance(_output_quantizer(layer)[0], ClipQuantizer))]
+    if foreign:
+        raise ExportError("these layers are quantized by another scheme (e.g. tfmot's "
+                          f"default), not tfacd: {foreign[:5]}; convert such a model with "
+                          "tf.lite.TFLiteConverter directly")
+
+
+def _consumers(layer):
+    nodes = layer._outbound_nodes  # pylint: disable=protected-access
+    return [node.outbound_layer for node in nodes]
+
+
+def _bn_fold_target(layer):
+    """The wrapped BatchNormalization to fold into weight layer `layer`, or None."""
+    if type(_inner(layer)).__name__ not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+        return None
+    if _output_quantizer(layer)[0] is not None:
+        return None           # a quantized output between the layer and BN: nothing to fold
+    activation = getattr(_inner(layer), "activation", None)
+    if activation not in (None, keras.activations.linear):
+        return None
+    consumers = _consumers(layer)
+    if len(consumers) == 1 and type(_inner(consumers[0])).__name__ in _BATCH_NORMS:
+        return consumers[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Weights: quantized integers and steps, BatchNorm folding
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BakedWeights:
+    """A weight layer's kernel after quantization and BN folding, in TFLite's terms."""
+
+    kernel: np.ndarray          # float values the graph uses (integers * step, per channel)
+    bias: np.ndarray
+    integers: np.ndarray | None  # int values per channel (None for a float export)
+    step: np.ndarray | None      # per output channel
+    bits: int | None
+    clamped: int = 0             # values outside int8's [-127, 127] that had to be clamped
+
+
+def _bn_multiplier_and_shift(bn_layer, channels: int):
+    bn = _inner(bn_layer)
+    rank = len(bn_layer.output_shape)
+    if [a % rank for a in np.atleast_1d(bn.axis)] != [rank - 1]:
+        raise ExportError(f"{bn.name}: only channels-last BatchNormalization can be folded")
+    gamma = bn.gamma.numpy() if bn.scale else np.ones(channels, np.float32)
+    beta = bn.beta.numpy() if bn.center else np.zeros(channels, np.float32)
+    multiplier = gamma / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    shift = beta - bn.moving_mean.numpy() * multiplier
+    return multiplier.astype(np.float64), shift.astype(np.float64)
+
+
+def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
+    """Kernel and bias of weight layer `layer` (Conv2D, DepthwiseConv2D or Dense), quantized
+    (unless `quantized=False`) and with `bn_layer` folded in."""
+    inner = _inner(layer)
+    kind = type(inner).__name__
+    attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
+    entries = _weight_quantizers(layer)
+    float_kernel = getattr(inner, attribute)
+    quantizer = variables = None
+    if attribute in entries:
+        float_kernel, quantizer, variables = entries[attribute]
+    kernel = float_kernel.numpy().astype(np.float64)
+    out_channels = kernel.shape[2] * kernel.shape[3] if kind == "DepthwiseConv2D" \
+        else kernel.shape[-1]
+    bias = inner.bias.numpy().astype(np.float64) if inner.use_bias \
+        else np.zeros(out_channels, np.float64)
+
+    integers = step = None
+    if quantized and quantizer is not None:
+        if not quantizer.integer_zero_point:
+            raise ExportError(f"{layer.name}: weights quantized with integer_zero_point=False "
+                              "have no integer grid through zero; TFLite needs one")
+        lower, upper = effective_clips(quantizer, variables)
+        levels = ops.num_levels(quantizer.num_bits)
+        clip_step = ((upper - lower) / levels).astype(np.float64)
+        shape = [1] * kernel.ndim
+        if quantizer.per_channel:
+            shape[quantizer.axis % kernel.ndim] = -1
+        clip_step = np.reshape(clip_step, shape)
+        quantized_kernel = ops.quantize_forward(
+            tf.constant(kernel, tf.float32), lower, upper, quantizer.num_bits,
+            quantizer.axis % kernel.ndim if quantizer.per_channel else None,
+            integer_zero_point=True).numpy()
+        integers = np.round(quantized_kernel / clip_step)
+        step = np.broadcast_to(clip_step, kernel.shape).astype(np.float64)
+        kernel = integers * step
+    # Per output channel view: Conv2D [kh, kw, in, out], Depthwise [kh, kw, in * mult],
+    # Dense [in, out].
+    if kind == "DepthwiseConv2D":
+        flat = (kernel.shape[0], kernel.shape[1], out_channels)
+        kernel = kernel.reshape(flat)
+        if integers is not None:
+            integers, step = integers.reshape(flat), step.reshape(flat)
+    if bn_layer is not None:
+        multiplier, shift = _bn_multiplier_and_shift(bn_layer, out_channels)
+        kernel = kernel * multiplier
+        bias = bias * multiplier + shift
+        if integers is not None:
+            # A negative multiplier flips the integers' sign; a zero one zeroes the channel.
+            integers = integers * np.sign(multiplier)
+            step = step * np.abs(multiplier)
+    bits = quantizer.num_bits if quantizer is not None and quantized else None
+    clamped = 0
+    if integers is not None:
+        # One step per output channel (it is constant along the other axes by construction).
+        step = step.reshape(-1, out_channels).max(axis=0)
+        step = np.where(step > 0, step, 1.0)
+        clamped = int(np.sum(np.abs(integers) > _INT8_MAX))
+        integers = np.clip(integers, -_INT8_MAX, _INT8_MAX)
+        kernel = integers * step
+    return BakedWeights(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
+                        integers=None if integers is None else integers.astype(np.int32),
+                        step=None if step is None else step.astype(np.float32), bits=bits,
+                        clamped=clamped)
+
+
+def _weight_tensor(baked: BakedWeights):
+    """The kernel as the graph sees it: an 8-bit symmetric per-channel fake quant that puts
+    exactly `integers` into TFLite's int8 weights (last axis = output channel)."""
+    kernel = tf.constant(baked.kernel)
+    if baked.integers is None:
+        return kernel
+    limit = tf.constant(_INT8_MAX * baked.step)
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        kernel, -limit, limit, num_bits=8, narrow_range=True)
+
+
+def _bias_constant(bias: np.ndarray):
+    """The bias as a graph constant. The converter quantizes a per-channel bias whose values are
+    all equal (a "splat" constant) with the first channel's scale for every channel (TF 2.21,
+    measured); one value moved by one float32 ulp keeps it from being a splat."""
+    bias = np.array(bias, np.float32)
+    if bias.size > 1 and bias[0] != 0 and np.all(bias == bias[0]):
+        bias[-1] = np.nextafter(bias[-1], np.float32(np.inf))
+    return tf.constant(bias)
+
+
+def _padding(inner):
+    return inner.padding.upper()
+
+
+def _emit_weight_layer(layer, x, baked: BakedWeights):
+    inner = _inner(layer)
+    kind = type(inner).__name__
+    if kind == "Conv2D":
+        if inner.groups != 1:
+            raise ExportError(f"{layer.name}: grouped Conv2D is not supported by the export")
+        y = tf.nn.conv2d(x, _weight_tensor(baked), strides=inner.strides,
+                         padding=_padding(inner), dilations=inner.dilation_rate)
+    elif kind == "DepthwiseConv2D":
+        kh, kw, channels = baked.kernel.shape
+        # Per-channel fake quant works on the last axis: quantize as [kh, kw, 1, C], then
+        # reshape to depthwise_conv2d's [kh, kw, in, multiplier] (TFLite's own layout).
+        flat = dataclasses.replace(baked, kernel=baked.kernel.reshape(kh, kw, 1, channels))
+        kernel = tf.reshape(_weight_tensor(flat),
+                            (kh, kw, x.shape[-1], inner.depth_multiplier))
+        y = tf.nn.depthwise_conv2d(x, kernel, strides=(1, *inner.strides, 1),
+                                   padding=_padding(inner), dilations=inner.dilation_rate)
+    elif kind == "Dense":
+        if x.shape.rank != 2:
+            raise ExportError(f"{layer.name}: Dense on a rank-{x.shape.rank} input is not "
+                              "supported by the export (flatten or pool first)")
+        # As a 1x1 convolution: TFLite's per-axis FULLY_CONNECTED quantization needs the
+        # kernel transposed, which the converter refuses for per-channel fake quant.
+        in_units, units = baked.kernel.shape
+        conv = dataclasses.replace(baked, kernel=baked.kernel.reshape(1, 1, in_units, units))
+        y = tf.nn.conv2d(tf.reshape(x, (-1, 1, 1, in_units)), _weight_tensor(conv), 1, "VALID")
+        y = tf.reshape(y, (-1, units))
+    else:
+        raise ExportError(f"{layer.name}: {kind} weights are not supported by the export "
+                          "(supported: Conv2D, DepthwiseConv2D, Dense)")
+    y = tf.nn.bias_add(y, _bias_constant(baked.bias))
+    return inner.activation(y)
+
+
+def _emit_layer(inner, args, kwargs):
+    """Any other layer, in inference mode. ReLU and ReLU6 are emitted as the plain TF ops the
+    converter fuses into the preceding convolution (tf_keras' ReLU(6.) traces as relu + min,
+    which TFLite would run as two extra int8 ops that XNNPACK does not take)."""
+    if type(inner).__name__ == "ReLU" and not inner.negative_slope and not inner.threshold:
+        if inner.max_value is None:
+            return tf.nn.relu(args[0])
+        if float(inner.max_value) == 6.0:
+            return tf.nn.relu6(args[0])
+    return inner(*args, training=False, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Activations
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ActivationPlan:
+    """How one activation quantizer is emitted."""
+
+    name: str
+    bits: int
+    per_channel: bool
+    lower: np.ndarray
+    upper: np.ndarray
+    exact: bool
+
+
+def _activation_plan(name, quantizer, variables) -> ActivationPlan:
+    if not quantizer.integer_zero_point:
+        raise ExportError(f"{name}: activations quantized with integer_zero_point=False have "
+                          "no integer zero point; TFLite needs one")
+    lower, upper = effective_clips(quantizer, variables)
+    per_channel = quantizer.per_channel and np.ndim(lower) == 1 and (
+        np.ptp(lower) > 0 or np.ptp(upper) > 0)
+    return ActivationPlan(name, quantizer.num_bits, per_channel,
+                          np.asarray(lower, np.float32), np.asarray(upper, np.float32),
+                          exact=not per_channel)
+
+
+def _fake_quant_8bit(x, lower: float, upper: float):
+    return tf.quantization.fake_quant_with_min_max_vars(x, lower, upper, num_bits=8)
+
+
+def _emit_activation(x, plan: ActivationPlan, policy: str, nonnegative: bool = False):
+    """The activation quantizer `plan` on `x`. `nonnegative`: `x` comes out of a ReLU, so the
+    lower clip (always <= 0 after the zero-point nudge) never binds."""
+    levels = ops.num_levels(plan.bits)
+    if not plan.per_channel:
+        lower = float(np.min(plan.lower))
+        step = (float(np.max(plan.upper)) - lower) / levels
+        upper = lower + levels * step
+        if nonnegative and levels < 255:
+            # Same step and origin, with the k-bit top as the top of the 8-bit range: int8
+            # saturation is the upper clip and the (fused) ReLU the lower one; no extra op.
+            return _fake_quant_8bit(x, upper - 255 * step, upper)
+        # Same step and origin, 8 bits; the k-bit top is a clamp on the grid.
+        x = _fake_quant_8bit(x, lower, lower + 255 * step)
+        if levels < 255:
+            x = _fake_quant_8bit(tf.minimum(x, upper), lower, lower + 255 * step)
+        return x
+    union_lower, union_upper = float(plan.lower.min()), float(plan.upper.max())
+    x = _fake_quant_8bit(x, union_lower, union_upper)
+    if policy == "round":
+        step = (plan.upper - plan.lower) / levels
+        clipped = tf.clip_by_value(x, plan.lower, plan.upper)
+        x = tf.floor((clipped - plan.lower) / step + 0.5) * step + plan.lower
+    else:
+        if not (nonnegative and np.all(plan.lower <= 0)):
+            x = tf.maximum(x, plan.lower)
+        x = tf.minimum(x, plan.upper)
+    return _fake_quant_8bit(x, union_lower, union_upper)
+
+
+def _is_nonnegative(inner) -> bool:
+    """True when `inner`'s output cannot be negative (a ReLU of any flavour without a slope)."""
+    kind = type(inner).__name__
+    if kind == "ReLU":
+        return not inner.negative_slope
+    activation = getattr(inner, "activation", None)
+    if activation is None:
+        return False
+    name = getattr(activation, "__name__", "")
+    return name in ("relu", "relu6")
+
+
+# ------------------------------------------------------------------------------------------
+# The baked graph
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Bake:
+    """The result of `bake`: the inference function and what went into it."""
+
+    function: tf.types.experimental.ConcreteFunction
+    weights: dict            # layer name -> BakedWeights
+    activations: list        # ActivationPlan, in graph order
+    float_layers: list       # names of layers left unquantized (float islands)
+    quantized: bool
+    model: object = dataclasses.field(default=None, repr=False)
+
+
+def _normalization(x, mean, std, quantized: bool, input_quantized: bool):
+    """Raw pixels -> `(p - mean) / std`, as a 1x1 depthwise convolution (int8 in TFLite)."""
+    channels = x.shape[-1]
+    mean = np.broadcast_to(np.asarray(mean, np.float64), (channels,))
+    std = np.broadcast_to(np.asarray(std, np.float64), (channels,))
+    if np.any(std <= 0):
+        raise ExportError(f"input_std must be > 0, got {std.tolist()}")
+    scale, shift = 1.0 / std, -mean / std
+    if quantized:
+        x = _fake_quant_8bit(x, 0.0, 255.0)      # scale 1, zero point 0: pixels exactly
+        # One int8 weight per channel, 127, with scale 1 / (127 std_c): exact.
+        baked = BakedWeights(kernel=scale.reshape(1, 1, 1, channels).astype(np.float32),
+                             bias=shift.astype(np.float32),
+                             integers=np.full((1, 1, 1, channels), _INT8_MAX),
+                             step=(scale / _INT8_MAX).astype(np.float32), bits=8)
+        kernel = tf.reshape(_weight_tensor(baked), (1, 1, channels, 1))
+    else:
+        kernel = tf.constant(scale.reshape(1, 1, channels, 1).astype(np.float32))
+    y = tf.nn.depthwise_conv2d(x, kernel, (1, 1, 1, 1), "VALID")
+    y = tf.nn.bias_add(y, _bias_constant(shift))
+    if quantized and not input_quantized:
+        # No input quantizer to set this tensor's grid: 8 bits over the normalized pixels.
+        y = _fake_quant_8bit(y, float(np.min(shift)), float(np.max(255 * scale + shift)))
+    return y
+
+
+def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp",
+         quantized: bool = True, batch_size: int | None = None) -> Bake:
+    """Rewrites `model` (a tfacd QAT model) into an inference function TFLite can convert.
+
+    Args:
+      model: from `tfacd.quantize_model` (or a plain tf_keras model with `quantized=False`).
+      input_mean, input_std: per-channel normalization in pixel units (0-255); the function
+        takes raw pixels and applies `(p - mean) / std` itself. None: no normalization.
+      activation_policy: "clamp" or "round", for per-channel activation quantizers (module
+        docstring).
+      quantized: False bakes the float model (unquantized weights, BN folded, no fake quant):
+        the reference for file size and latency.
+      batch_size: the function's batch dimension (None: any).
+    """
+    if activation_policy not in ACTIVATION_POLICIES:
+        raise ExportError(f"activation_policy must be one of {ACTIVATION_POLICIES}, got "
+                          f"{activation_policy!r}")
+    if quantized:
+        check_exportable(model)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError("export supports models with one input and one output")
+    normalize = input_mean is not None or input_std is not None
+    mean = 0.0 if input_mean is None else input_mean
+    std = 1.0 if input_std is None else input_std
+
+    weights, activations, float_layers = {}, [], []
+    folded = {}
+    for layer in model.layers:
+        target = _bn_fold_target(layer)
+        if target is not None:
+            folded[target.name] = layer.name
+    for layer in model.layers:
+        if type(_inner(layer)).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            bn = next((model.get_layer(b) for b, w in folded.items() if w == layer.name), None)
+            weights[layer.name] = _bake_weights(layer, bn, quantized)
+        elif not isinstance(layer, (quantize_wrapper.QuantizeWrapper,
+                                    quantize_layer.QuantizeLayer, keras.layers.InputLayer)):
+            float_layers.append(layer.name)
+    plans = {}
+    if quantized:
+        for layer in model.layers:
+            quantizer, variables = _output_quantizer(layer)
+            if quantizer is not None:
+                plans[layer.name] = _activation_plan(layer.name, quantizer, variables)
+
+    input_quantized = any(isinstance(layer, quantize_layer.QuantizeLayer)
+                          for layer in model.layers)
+    if quantized and not normalize and not input_quantized:
+        raise ExportError("the model has no input quantizer (quantize_input=False) and no "
+                          "input_mean/input_std were given: the input's range is unknown")
+    spec = tf.TensorSpec((batch_size, *model.inputs[0].shape[1:]), tf.float32, name="pixels")
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def inference(pixels):
+        values = {}
+        x = _normalization(pixels, mean, std, quantized, input_quantized) \
+            if normalize else pixels
+        values[id(model.inputs[0])] = x
+        nodes_by_depth = model._nodes_by_depth  # pylint: disable=protected-access
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
+                layer = node.layer
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                args, kwargs = tf.nest.map_structure(
+                    lambda t: values[id(t)] if id(t) in values else t,
+                    (node.call_args, node.call_kwargs))
+                with tf.name_scope(layer.name):
+                    if layer.name in folded:                    # BN folded into its producer
+                        out = args[0]
+                    elif layer.name in weights:
+                        out = _emit_weight_layer(layer, args[0], weights[layer.name])
+                    elif isinstance(layer, quantize_layer.QuantizeLayer):
+                        out = args[0]
+                    else:
+                        kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+                        out = _emit_layer(_inner(layer), args, kwargs)
+                    plan = plans.get(layer.name)
+                    if plan is not None:
+                        out = _emit_activation(out, plan, activation_policy,
+                                               _is_nonnegative(_inner(layer)))
+                for kt, value in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
+                    values[id(kt)] = value
+        return values[id(model.outputs[0])]
+
+    function = inference.get_concrete_function()
+    activations.extend(plans.values())
+    return Bake(function, weights, activations, float_layers, quantized, model)
+    activations.extend(plans.values())
+    return Bake(function, weights, activations, float_layers, quantized, model)
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion and the interpreter
+# ------------------------------------------------------------------------------------------
+
+def _convert(baked: Bake, input_type: str = "float32", output_type: str = "float32") -> bytes:
+    for name, value in (("input_type", input_type), ("output_type", output_type)):
+        if value not in IO_TYPES:
+            raise ExportError(f"{name} must be one of {sorted(IO_TYPES)}, got {value!r}")
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([baked.function], baked.model)
+    if baked.quantized:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = IO_TYPES[input_type]
+        converter.inference_output_type = IO_TYPES[output_type]
+    elif (input_type, output_type) != ("float32", "float32"):
+        raise ExportError("a float export has float32 input and output")
+    try:
+        return converter.convert()
+    except Exception as error:  # the converter raises several unrelated types
+        first = str(error).strip().splitlines()
+        raise ExportError(f"the TFLite converter refused the baked model: "
+                          f"{first[0] if first else type(error).__name__}") from error
+
+
+def _writable(output_path) -> pathlib.Path:
+    path = pathlib.Path(output_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise ExportError(f"cannot write {path}: {error.strerror or error}") from None
+    return path
+
+
+def _content(model_path_or_bytes) -> bytes:
+    if isinstance(model_path_or_bytes, (bytes, bytearray)):
+        return bytes(model_path_or_bytes)
+    path = pathlib.Path(model_path_or_bytes)
+    if not path.is_file():
+        raise ExportError(f"TFLite file not found: {path}")
+    return path.read_bytes()
+
+
+def interpreter(model_path_or_bytes, num_threads: int | None = None,
+                delegates: bool = True):
+    """A LiteRT interpreter for a file (path) or flatbuffer (bytes). `delegates=False` runs
+    TFLite's builtin kernels only (no XNNPACK)."""
+    # pylint: disable-next=import-outside-toplevel
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    resolver = OpResolverType.AUTO if delegates else \
+        OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Interpreter(model_content=_content(model_path_or_bytes), num_threads=num_threads,
+                       experimental_op_resolver_type=resolver)
+
+
+def run_tflite(model_path_or_bytes, pixels, batch_size: int = 64,
+               num_threads: int | None = None) -> np.ndarray:
+    """Float logits of a tfacd-exported file on raw pixels `[N, H, W, C]` (0-255)."""
+    pixels = np.asarray(pixels)
+    runner = interpreter(model_path_or_bytes, num_threads)
+    detail = runner.get_input_details()[0]
+    signature = detail["shape_signature"]
+    fixed_batch = int(signature[0]) if signature[0] > 0 else None
+    outputs, start, shape = [], 0, None
+    while start < len(pixels):
+        chunk = pixels[start:start + (fixed_batch or batch_size)]
+        start += len(chunk)
+        real = len(chunk)
+        if fixed_batch and real < fixed_batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed_batch - real, 0)])
+        if shape != chunk.shape:
+            if not fixed_batch:
+                runner.resize_tensor_input(detail["index"], chunk.shape)
+            runner.allocate_tensors()
+            shape = chunk.shape
+        runner.set_tensor(detail["index"], _to_input(chunk, runner.get_input_details()[0]))
+        runner.invoke()
+        out = runner.get_output_details()[0]
+        outputs.append(_from_output(runner.get_tensor(out["index"]), out)[:real])
+    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def _to_input(x, detail):
+    dtype = detail["dtype"]
+    if dtype == np.float32:
+        return x.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def _from_output(y, detail):
+    if detail["dtype"] == np.float32:
+        return y
+    scale, zero_point = detail["quantization"]
+    return (y.astype(np.float32) - zero_point) * scale
+
+
+# ------------------------------------------------------------------------------------------
+# The export report
+# ------------------------------------------------------------------------------------------
+
+def op_histogram(model_path_or_bytes) -> dict:
+    """`{op name: count}` of a TFLite file (delegates not applied)."""
+    runner = interpreter(model_path_or_bytes, delegates=False)
+    details = runner._get_ops_details()  # pylint: disable=protected-access
+    return dict(collections.Counter(op["op_name"] for op in details))
+
+
+def weight_tensors(model_path_or_bytes) -> list[dict]:
+    """Every constant int8 weight tensor of a file with its per-channel statistics."""
+    runner = interpreter(model_path_or_bytes, delegates=False)
+    runner.allocate_tensors()
+    details = {d["index"]: d for d in runner.get_tensor_details()}
+    found = []
+    for op in runner._get_ops_details():  # pylint: disable=protected-access
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        detail = details[int(op["inputs"][1])]
+        if detail["dtype"] != np.int8:
+            continue
+        values = runner.get_tensor(detail["index"]).astype(np.int32)
+        params = detail["quantization_parameters"]
+        axis = int(params["quantized_dimension"])
+        per_channel = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+        found.append({
+            "op": op["op_name"], "tensor": detail["name"], "shape": list(values.shape),
+            "zero_points": sorted({int(z) for z in params["zero_points"]}),
+            "max_distinct_per_channel": int(max(len(np.unique(row)) for row in per_channel)),
+            "scales": [float(v) for v in params["scales"]],
+        })
+    return found
+
+
+def _layer_for_tensor(tensor_name: str, layer_names) -> str | None:
+    # The converter names a weight after the ops that made it, prefixed by our name scopes.
+    hits = [name for name in layer_names if f"{name}/" in tensor_name]
+    return max(hits, key=len) if hits else None
+
+
+def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=None,
+             batch_size: int = 64) -> dict:
+    """Top-1 agreement and logit differences between the Keras QAT model and a file, and
+    both accuracies when `labels` are given. `pixels` are raw (0-255)."""
+    pixels = np.asarray(pixels, np.float32)
+    normalized = pixels
+    if input_mean is not None or input_std is not None:
+        mean = np.zeros(3) if input_mean is None else np.asarray(input_mean)
+        std = np.ones(3) if input_std is None else np.asarray(input_std)
+        normalized = (pixels - mean.astype(np.float32)) / std.astype(np.float32)
+    keras_logits = np.concatenate([
+        qat_model(normalized[i:i + batch_size], training=False).numpy()
+        for i in range(0, len(pixels), batch_size)])
+    lite_logits = run_tflite(tflite, pixels, batch_size)
+    difference = np.abs(keras_logits - lite_logits)
+    result = {
+        "num_examples": int(len(pixels)),
+        "top1_agreement": float(np.mean(keras_logits.argmax(1) == lite_logits.argmax(1))),
+        "max_logit_difference": float(difference.max()),
+        "mean_logit_difference": float(difference.mean()),
+        "keras_accuracy": None, "tflite_accuracy": None,
+    }
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        result["keras_accuracy"] = float(np.mean(keras_logits.argmax(1) == labels))
+        result["tflite_accuracy"] = float(np.mean(lite_logits.argmax(1) == labels))
+    return result
+
+
+def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
+            options: dict) -> dict:
+    layer_names = [layer.name for layer in qat_model.layers]
+    per_layer = {}
+    for entry in weight_tensors(content):
+        layer = _layer_for_tensor(entry["tensor"], layer_names)
+        weights = baked.weights.get(layer)
+        if weights is None:
+            layer, bits, clamped = "input_normalization", 8, 0
+        else:
+            bits, clamped = weights.bits, weights.clamped
+        per_layer[layer] = {
+            "op": entry["op"], "weight_bits": bits, "shape": entry["shape"],
+            "max_distinct_values_per_channel": entry["max_distinct_per_channel"],
+            "distinct_within_2^bits": bool(entry["max_distinct_per_channel"] <= 2 ** bits),
+            "zero_points": entry["zero_points"],
+            "clamped_weights": clamped,
+        }
+    float_bits = sum(w.kernel.size * 32 for w in baked.weights.values())
+    true_bits = sum(w.kernel.size * (w.bits or 32) for w in baked.weights.values())
+    return {
+        "file_bytes": len(content),
+        "float_file_bytes": len(float_content) if float_content is not None else None,
+        "size_vs_float": (len(content) / len(float_content)) if float_content else None,
+        "op_histogram": op_histogram(content),
+        "weights": per_layer,
+        "all_weight_zero_points_zero": all(v["zero_points"] == [0] for v in per_layer.values()),
+        "all_distinct_within_2^bits": all(v["distinct_within_2^bits"]
+                                          for v in per_layer.values()),
+        "clamped_weights": sum(v["clamped_weights"] for v in per_layer.values()),
+        "weight_memory_bytes_true_bits": true_bits / 8,
+        "weight_memory_bytes_float32": float_bits / 8,
+        "weight_memory_vs_float32": true_bits / float_bits if float_bits else None,
+        "activations": {
+            plan.name: {"bits": plan.bits, "per_channel": bool(plan.per_channel),
+                        "exact": bool(plan.exact)}
+            for plan in baked.activations},
+        "float_layers": baked.float_layers,
+        "options": options,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry points
+# ------------------------------------------------------------------------------------------
+
+def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
+                  input_type: str = "float32", output_type: str = "float32",
+                  activation_policy: str = "clamp", data=None, labels=None,
+                  batch_size: int | None = None, float_reference: bool = True,
+                  report_path=None, verbose: bool = True) -> pathlib.Path:
+    """Exports a tfacd QAT model to a TFLite file that takes raw RGB pixels.
+
+    Args:
+      qat_model: from `tfacd.quantize_model` (trained).
+      output_path: the `.tflite` file to write; the report goes beside it as
+        `<stem>_report.json` (or to `report_path`).
+      input_mean, input_std: per-channel normalization (pixel units) the model was trained
+        with; the file applies it itself.
+      input_type, output_type: "float32", "int8" or "uint8" model input/output. With int8 or
+        uint8 input the caller passes pixels as integers (scale 1, zero point 0 for uint8,
+        -128 for int8); `run_tflite` does this, and dequantizes int8 outputs.
+      activation_policy: "clamp" or "round" (module docstring).
+      data, labels: raw pixels `[N, H, W, C]` (and labels) for the report's fidelity section.
+      batch_size: the file's fixed batch size (None: any; resized at run time).
+      float_reference: also convert the float model of the same weights, for the size ratio.
+
+    Returns:
+      The path written. Raises `ExportError` naming the problem for a model that was never
+      quantized, a path that cannot be written, or anything the converter refuses.
+    """
+    path = _writable(output_path)
+    options = {"input_type": input_type, "output_type": output_type,
+               "activation_policy": activation_policy,
+               "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
+               "input_std": None if input_std is None else np.asarray(input_std).tolist()}
+    baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size)
+    content = _convert(baked, input_type, output_type)
+    float_content = None
+    if float_reference:
+        float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,
+                                      False, batch_size))
+    report = _report(qat_model, baked, content, float_content, options)
+    if data is not None:
+        report["fidelity"] = fidelity(qat_model, content, data, labels, input_mean, input_std)
+    path.write_bytes(content)
+    report["path"] = str(path)
+    report_file = pathlib.Path(report_path) if report_path else \
+        path.with_name(f"{path.stem}_report.json")
+    report_file.write_text(json.dumps(report, indent=2, default=_json_default))
+    if verbose:
+        print(format_report(report))
+    return path
+
+
+def export_float_tflite(model, output_path, *, input_mean=None, input_std=None,
+                        batch_size: int | None = None) -> pathlib.Path:
+    """The float TFLite file of a float (or QAT) model, BN folded, raw-pixel input."""
+    path = _writable(output_path)
+    path.write_bytes(_convert(bake(model, input_mean, input_std, quantized=False,
+                                   batch_size=batch_size)))
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def format_report(report: dict) -> str:
+    """A short human-readable rendering of an export report."""
+    lines = [f"TFLite file: {report.get('path', '?')}  {report['file_bytes']:,} bytes"]
+    if report.get("size_vs_float"):
+        lines.append(f"  vs float TFLite ({report['float_file_bytes']:,} bytes): "
+                     f"{report['size_vs_float']:.3f}x")
+    if report.get("weight_memory_vs_float32") is not None:
+        lines.append(f"  weight memory at true bit widths: "
+                     f"{report['weight_memory_bytes_true_bits']:,.0f} bytes "
+                     f"({report['weight_memory_vs_float32']:.4f}x float32)")
+    lines.append(f"  weight zero points all 0: {report['all_weight_zero_points_zero']}; "
+                 f"distinct values per channel <= 2^bits: "
+                 f"{report['all_distinct_within_2^bits']}; clamped 8-bit weights: "
+                 f"{report['clamped_weights']}")
+    ops_line = ", ".join(f"{k} {v}" for k, v in sorted(report["op_histogram"].items()))
+    lines.append(f"  ops: {ops_line}")
+    if report.get("float_layers"):
+        lines.append(f"  float layers: {report['float_layers']}")
+    fid = report.get("fidelity")
+    if fid:
+        lines.append(f"  fidelity on {fid['num_examples']} examples: top-1 agreement "
+                     f"{fid['top1_agreement']:.4f}, logit diff max "
+                     f"{fid['max_logit_difference']:.4f} mean "
+                     f"{fid['mean_logit_difference']:.4f}")
+        if fid.get("keras_accuracy") is not None:
+            lines.append(f"  accuracy: Keras {fid['keras_accuracy']:.4f}, "
+                         f"TFLite {fid['tflite_accuracy']:.4f}")
+    return "\n".join(lines)
