@@ -19,7 +19,9 @@ What the bake does, and what is exact
   emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
   the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
   rounding equals rounding after clamping, and TFLite's int8 tensor holds the k-bit values
-  exactly.
+  exactly. After a ReLU the lower clip never binds, and the range is `[u' - 255 s, u']`
+  instead: int8 saturation is the upper clip, no extra op (XNNPACK does not delegate int8
+  `MINIMUM`, and each one splits the delegated graph).
 * **Per-channel activations (a policy).** TFLite has one scale per activation tensor. The
   tensor is quantized to 8 bits over the union of the channels' ranges, `[min_c l'_c,
   max_c u'_c]`, and each channel keeps its own clips as per-channel `maximum`/`minimum`
@@ -440,7 +442,7 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
     mean = 0.0 if input_mean is None else input_mean
     std = 1.0 if input_std is None else input_std
 
-    weights, activations, float_layers = {}, [], []
+    weights, float_layers = {}, []
     folded = {}
     for layer in model.layers:
         target = _bn_fold_target(layer)
@@ -501,10 +503,7 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
         return values[id(model.outputs[0])]
 
     function = inference.get_concrete_function()
-    activations.extend(plans.values())
-    return Bake(function, weights, activations, float_layers, quantized, model)
-    activations.extend(plans.values())
-    return Bake(function, weights, activations, float_layers, quantized, model)
+    return Bake(function, weights, list(plans.values()), float_layers, quantized, model)
 
 
 # ------------------------------------------------------------------------------------------

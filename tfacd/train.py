@@ -224,10 +224,13 @@ def run(config: ExperimentConfig) -> dict:
                               if train_seconds > 0 and epochs_run else None),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
     })
-    if chief and config.export and quantized:
-        results["tflite"] = _export(model, config, splits, model_dir)
     if chief:
+        # Written before the export, so a failed export loses nothing: the run is finished
+        # and `--mode=export` can be rerun on it with other options.
         (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
+        if config.export and quantized:
+            results["tflite"] = _export(model, config, splits, model_dir)
+            (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -251,12 +254,12 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
         report = {"path": str(path), "file_bytes": path.stat().st_size, "float": True,
                   "fidelity": export.fidelity(model, path.read_bytes(), pixels, labels,
                                               splits.mean, splits.std)}
+        report["op_histogram"] = export.op_histogram(path)
         report_path.write_text(json.dumps(report, indent=2))
-        print(export.format_report({**report, "float_file_bytes": None,
-                                    "all_weight_zero_points_zero": "n/a (float)",
-                                    "all_distinct_within_2^bits": "n/a (float)",
-                                    "clamped_weights": 0, "op_histogram":
-                                    export.op_histogram(path)}))
+        fidelity = report["fidelity"]
+        print(f"float TFLite file: {path}  {report['file_bytes']:,} bytes; top-1 agreement "
+              f"with Keras {fidelity['top1_agreement']:.4f} on {fidelity['num_examples']} "
+              "images")
     fidelity = report.get("fidelity", {})
     return {"path": str(path), "report": str(report_path), "file_bytes": report["file_bytes"],
             "size_vs_float": report.get("size_vs_float"),
