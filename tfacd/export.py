@@ -56,10 +56,10 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 from tfacd import ops
 from tfacd._keras import keras
 from tfacd.quantizers import ClipQuantizer, effective_clips
+from tfacd.scheme import _BATCH_NORMS, _consumers, _is_linear  # the layout's own rules
 
 ACTIVATION_POLICIES = ("clamp", "round")
 IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
-_BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
 _INT8_MAX = 127
 
 
@@ -116,19 +116,13 @@ def check_exportable(model):
                           "tf.lite.TFLiteConverter directly")
 
 
-def _consumers(layer):
-    nodes = layer._outbound_nodes  # pylint: disable=protected-access
-    return [node.outbound_layer for node in nodes]
-
-
 def _bn_fold_target(layer):
     """The wrapped BatchNormalization to fold into weight layer `layer`, or None."""
     if type(_inner(layer)).__name__ not in ("Conv2D", "DepthwiseConv2D", "Dense"):
         return None
     if _output_quantizer(layer)[0] is not None:
         return None           # a quantized output between the layer and BN: nothing to fold
-    activation = getattr(_inner(layer), "activation", None)
-    if activation not in (None, keras.activations.linear):
+    if not _is_linear(_inner(layer)):
         return None
     consumers = _consumers(layer)
     if len(consumers) == 1 and type(_inner(consumers[0])).__name__ in _BATCH_NORMS:
