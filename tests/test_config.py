@@ -50,7 +50,8 @@ def test_bad_yaml_is_named(tmp_path, text, message):
     (dict(weight_bits=1), "weight_bits must be an integer from 2 to 8, got 1"),
     (dict(activation_bits=12), "activation_bits"), (dict(granularity="per_row"), "per_row"),
     (dict(acd="maybe"), "maybe"), (dict(strategy="tpu"), "tpu"),
-    (dict(val_fraction=1.0), "val_fraction"), (dict(architecture="resnet"), "resnet")])
+    (dict(val_fraction=1.0), "val_fraction"), (dict(architecture="resnet"), "resnet"),
+    (dict(optimizer="rmsprop"), "optimizer must be one of .*rmsprop")])
 def test_values_out_of_range_are_named(values, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(values).validate()

@@ -76,6 +76,9 @@ def test_stratified_split_is_fixed_and_keeps_class_balance():
     assert not set(train1) & set(val1) and len(train1) + len(val1) == 500
     _, val3 = data.stratified_split(labels, 0.1, seed=4)
     assert set(val3) != set(val1)
+    # Shuffled, not class by class: the first images of either split span the classes
+    # (calibration and the SQNR batch take the first ones).
+    assert len(set(labels[train1[:50]])) == 5 and len(set(labels[val1[:20]])) >= 3
 
 
 def test_load_folder_splits_and_normalization(tmp_path):

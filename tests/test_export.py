@@ -213,6 +213,23 @@ def test_tfmot_default_model_is_refused(tmp_path):
         export.export_tflite(model, tmp_path / "x.tflite")
 
 
+def test_tfmot_default_model_exports_through_tfmot_s_own_conversion(tmp_path):
+    # The reference row: tfmot's documented conversion, with tfacd's raw-pixel input.
+    import tensorflow_model_optimization as tfmot
+    model = tfmot.quantization.keras.quantize_model(tiny_cnn())
+    pixels = _pixels(64)
+    normalized = ((pixels - MEAN) / STD).astype("float32")
+    for _ in range(3):                      # tfmot learns its activation ranges in training
+        model(normalized, training=True)
+    path = export.export_tfmot_tflite(model, tmp_path / "tfmot.tflite", input_mean=MEAN,
+                                      input_std=STD)
+    ops = export.op_histogram(path)
+    assert ops.get("QUANTIZE", 0) >= 1 and ops.get("CONV_2D", 0) >= 1
+    assert export.weight_tensors(path)            # int8 weights
+    result = export.fidelity(model, path.read_bytes(), pixels, None, MEAN, STD)
+    assert result["top1_agreement"] >= 0.9
+
+
 def test_unwritable_path_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -65,6 +65,12 @@ def test_qat_run_from_the_float_run(folder, float_run, tmp_path):
     sqnr = results["per_layer_sqnr_db"]
     assert sqnr and all(isinstance(v, float) for v in sqnr.values())
     assert "acd_lower_strength" in results["history"] and "mean_sqnr_db" in results["history"]
+    # The depthwise activations' per-channel data ranges next to the clips (for the plots).
+    ranges = results["depthwise_activation_ranges"]
+    assert ranges and all(len(r["channel_min"]) == len(r["channel_max"]) == len(r["lower"])
+                          and r["granularity"] == "per_channel" for r in ranges.values())
+    assert all(low <= high for r in ranges.values()
+               for low, high in zip(r["channel_min"], r["channel_max"]))
     # A second run into finished results refuses; eval mode reads them.
     again = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path}", "--mode=qat",
                     f"--init_from={float_run}", *TINY)
@@ -130,6 +136,12 @@ def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
     results = _results(tmp_path)
     # Epochs 1-2 were saved before the kill: this invocation ran only 3 and 4.
     assert results["epochs_run_this_invocation"] == 2
+    # ... and the epoch log kept all four, with the wall time of each.
+    assert [e["epoch"] for e in results["epochs"]] == [1, 2, 3, 4]
+    assert all(e["seconds"] > 0 and "val_accuracy" in e for e in results["epochs"])
+    assert results["train_seconds_total"] == pytest.approx(
+        sum(e["seconds"] for e in results["epochs"]))
+    assert results["train_seconds_total"] > results["train_seconds"] * 0.5
     assert "Epoch 3/4" in result.stdout + result.stderr
     assert "Epoch 1/4" not in result.stdout + result.stderr
 
@@ -163,6 +175,11 @@ def test_corrupt_image_and_mismatched_init_exit_2(folder, float_run, tmp_path):
                      "--width=0.35", "--batch_size=8")
     assert result.returncode == 2 and "does not match the model" in result.stderr, \
         result.stderr[-2000:]
+    # Another validation split than the float run's would validate on its training images.
+    result = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'r3'}", "--mode=qat",
+                     f"--init_from={float_run}", "--split_seed=1", *TINY)
+    assert result.returncode == 2 and "split_seed=0" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "r3").exists()
 
 
 def _free_ports(count):
@@ -225,6 +242,45 @@ def test_float_then_qat_on_mocked_cifar10(tmp_path):
     assert qat_results["per_layer_sqnr_db"] and float_results["per_layer_sqnr_db"] == {}
     assert json.loads((tmp_path / "qat" / "results.json").read_text())["config"][
         "granularity"] == "per_layer"
+    # A per-layer quantizer has one clip pair for all of a depthwise layer's channels.
+    ranges = qat_results["depthwise_activation_ranges"]
+    assert ranges and all(len(r["lower"]) == 1 and len(r["channel_min"]) > 1
+                          for r in ranges.values())
+
+
+def test_freeze_bn_keeps_statistics_and_trains_clips_and_gamma():
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    import tfacd  # pylint: disable=import-outside-toplevel
+    from tfacd import train  # pylint: disable=import-outside-toplevel
+    from tfacd._keras import keras  # pylint: disable=import-outside-toplevel
+    float_model = tfacd.models.build("mobilenet_v2_cifar_tiny", width=0.35, num_classes=3,
+                                     input_shape=(16, 16, 3), bn_momentum=0.5)
+    model = tfacd.quantize_model(float_model, weight_bits=2, activation_bits=2)
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype("float32")
+    y = np.arange(8) % 3
+    tfacd.calibrate(model, x, 1)
+    frozen = train.freeze_batch_norms(model)
+    assert frozen == sum("BatchNormalization" in type(getattr(layer, "layer", layer)).__name__
+                         for layer in model.layers) > 0
+    statistics = {v.name: v.numpy() for v in model.non_trainable_weights
+                  if "moving_" in v.name}
+    clips = {v.name: v.numpy() for v in model.trainable_weights
+             if "upper" in v.name or "gamma" in v.name}
+    assert statistics and clips
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    after = {v.name: v.numpy() for v in model.weights}
+    for name, value in statistics.items():
+        np.testing.assert_array_equal(after[name], value)
+    # The clips (also the BN wrappers' output clips) and gamma keep training.
+    for kind in ("bn/output_upper", "upper", "gamma"):
+        assert any(not np.array_equal(after[name], value)
+                   for name, value in clips.items() if kind in name), kind
+    # Inference-mode BN in training: the training-mode output equals the inference output.
+    np.testing.assert_allclose(model(x, training=True), model(x, training=False), atol=1e-5)
 
 
 def test_qat_without_a_validation_split(folder, float_run, tmp_path):

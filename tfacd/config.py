@@ -19,6 +19,7 @@ ACD_CHOICES = ("off", "decay", "pull")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
 ACTIVATION_POLICIES = ("clamp", "round")      # tfacd.export.ACTIVATION_POLICIES
+OPTIMIZERS = ("sgd", "adam")
 
 
 class ConfigError(ValueError):
@@ -50,10 +51,13 @@ class ExperimentConfig:
     epochs: int = 1
     batch_size: int = 128
     learning_rate: float = 0.05
+    optimizer: str = "sgd"               # sgd (Nesterov momentum 0.9) or adam
     clip_norm: float = 5.0               # global gradient-norm clip; 0 turns it off
     weight_decay: float = 4e-5
     bn_momentum: float = 0.99
-    seed: int = 0
+    freeze_bn: bool = False              # QAT: BatchNorm in inference mode, statistics fixed
+    seed: int = 0                        # initialization, shuffling, augmentation
+    split_seed: int = 0                  # which images form the validation split
     strategy: str = "default"
     val_fraction: float = 0.1
     steps_per_epoch: int = 0             # 0: the whole training split every epoch
@@ -85,6 +89,8 @@ class ExperimentConfig:
         need(self.width > 0, f"width must be > 0, got {self.width!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
         need(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm!r}")
         need(self.sqnr_weight >= 0, f"sqnr_weight must be >= 0, got {self.sqnr_weight!r}")

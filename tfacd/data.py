@@ -168,7 +168,11 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
-    """Indices `(train, val)`: `val_fraction` of every class, chosen with a fixed seed."""
+    """Indices `(train, val)`: `val_fraction` of every class, chosen with a fixed seed.
+
+    Both come in a fixed shuffled order, not sorted: image folders are read class by class,
+    and whatever takes the first images of a split (clip calibration, the SQNR batch,
+    `--limit`) must see every class, not only the first one."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
@@ -178,7 +182,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
         count = int(round(val_fraction * len(members)))
         val_idx.append(members[:count])
         train_idx.append(members[count:])
-    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+    # Membership is drawn above; these two permutations only order it.
+    return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(val_idx))
 
 
 def load(dataset: str, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,

@@ -3,7 +3,7 @@
     python -m tfacd.evaluate --tflite results/RUN/model.tflite --data ../shared/data/cifar10-jpeg
 
 The folder is read as in training (`ROOT/train/<class>/*`, optional `ROOT/test/`), and the
-validation split is carved out of `train` the same way (`--val_fraction`, `--seed`; the
+validation split is carved out of `train` the same way (`--val_fraction`, `--split_seed`; the
 defaults are the training defaults), so `--split=val` scores exactly the images a run reported
 on. `--data` may also be `cifar10` / `cifar100` (tensorflow-datasets). The file takes raw
 pixels; nothing but the file and the images is needed.
@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default="", help="tensorflow-datasets data_dir")
     parser.add_argument("--split", default="val", choices=("val", "train", "test"))
     parser.add_argument("--val_fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split_seed", type=int, default=0,
+                        help="the training run's split_seed (which images are validation)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images")
     args = parser.parse_args(argv)
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     try:
         if not os.path.isfile(args.tflite):
             raise export.ExportError(f"TFLite file not found: {args.tflite}")
-        splits = data_lib.load(args.data, args.data_dir or None, args.val_fraction, args.seed)
+        splits = data_lib.load(args.data, args.data_dir or None, args.val_fraction,
+                               args.split_seed)
         x = {"val": splits.x_val, "train": splits.x_train, "test": splits.x_test}[args.split]
         y = {"val": splits.y_val, "train": splits.y_train, "test": splits.y_test}[args.split]
         if x is None or not len(x):

@@ -773,6 +773,32 @@ def export_float_tflite(model, output_path, *, input_mean=None, input_std=None,
     return path
 
 
+def export_tfmot_tflite(qat_model, output_path, *, input_mean=None,
+                        input_std=None) -> pathlib.Path:
+    """The int8 TFLite file of a model quantized by tfmot's own default 8-bit scheme, the
+    way tfmot documents it (`TFLiteConverter.from_keras_model` with `Optimize.DEFAULT`), with
+    the input normalization in front so that, like tfacd's files, it takes raw RGB pixels
+    (float32). For the reference row of an ablation; tfacd models go through
+    `export_tflite`."""
+    path = _writable(output_path)
+    inputs = keras.Input(qat_model.input_shape[1:])
+    x = inputs
+    if input_mean is not None or input_std is not None:
+        mean = np.zeros(3) if input_mean is None else np.asarray(input_mean, np.float32)
+        std = np.ones(3) if input_std is None else np.asarray(input_std, np.float32)
+        x = keras.layers.Normalization(mean=mean, variance=np.square(std))(x)
+    wrapper = keras.Model(inputs, qat_model(x, training=False))
+    converter = tf.lite.TFLiteConverter.from_keras_model(wrapper)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        path.write_bytes(converter.convert())
+    except Exception as error:  # the converter raises several unrelated types
+        first = str(error).strip().splitlines()
+        raise ExportError(f"the TFLite converter refused the tfmot model: "
+                          f"{first[0] if first else type(error).__name__}") from error
+    return path
+
+
 def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()

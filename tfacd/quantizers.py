@@ -56,6 +56,23 @@ def recording_sqnr():
         _RECORD_SQNR = previous
 
 
+# Set by `recording_ranges()`: a dict that eager quantizer calls fill with the per-channel
+# (last axis) min and max of their input, whatever their granularity.
+_RECORDED_RANGES = None
+
+
+@contextlib.contextmanager
+def recording_ranges():
+    """Within this context, eager quantizer calls record `{id(quantizer): (min, max)}` of
+    their input per channel (last axis) into the yielded dict."""
+    global _RECORDED_RANGES
+    previous, _RECORDED_RANGES = _RECORDED_RANGES, {}
+    try:
+        yield _RECORDED_RANGES
+    finally:
+        _RECORDED_RANGES = previous
+
+
 @keras.utils.register_keras_serializable(package="tfacd")
 class ClipQuantizer(tfmot_quantizers.Quantizer):
     """Uniform asymmetric fake quantizer with learnable lower and upper clips.
@@ -164,6 +181,10 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
     def __call__(self, inputs, training, weights, **kwargs):
         x = tf.convert_to_tensor(inputs)
         axis = self._axis_for(x)
+        if _RECORDED_RANGES is not None and tf.executing_eagerly():
+            reduce = list(range(x.shape.rank - 1))
+            _RECORDED_RANGES[id(self)] = (tf.reduce_min(x, reduce).numpy(),
+                                          tf.reduce_max(x, reduce).numpy())
         if _CALIBRATING:
             self.initialize(x, weights)
         init_done = self._initialize_if_needed(x, weights, axis)
@@ -318,6 +339,20 @@ def list_quantizers(model) -> list[QuantizerInfo]:
             lower=lower, upper=upper, sqnr_db=float(variables["sqnr_db"].numpy()),
             quantizer=quantizer, variables=variables))
     return infos
+
+
+def channel_ranges(model, x) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{"<layer>/<tensor>": (min, max)}`: the per-channel (last axis) range of every
+    quantizer's input on the inference pass of batch `x`, for per-layer quantizers too.
+
+    This is the data each quantizer's clips are meant to fit: comparing it with the clips
+    shows what a per-tensor range wastes on channels with small ranges.
+    """
+    with recording_ranges() as ranges:
+        model(tf.convert_to_tensor(x), training=False)
+    return {f"{layer.name}/{tensor}": ranges[id(quantizer)]
+            for layer, tensor, quantizer, _ in iter_quantizers(model)
+            if id(quantizer) in ranges}
 
 
 def effective_clips(quantizer: ClipQuantizer, variables) -> tuple[np.ndarray, np.ndarray]:

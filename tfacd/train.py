@@ -22,6 +22,7 @@ from tfacd.config import ConfigError, ExperimentConfig
 RESULTS = "results.json"
 TFLITE = "model.tflite"
 EXPORT_REPORT = "model_report.json"
+EPOCH_LOG = "epochs.jsonl"            # one line per finished epoch, kept across resumes
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,6 +49,24 @@ def _weights_prefix(init_from: str) -> str:
         raise ConfigError(f"--init_from={init_from}: no checkpoint there (expected a run "
                           f"directory holding {FINAL_WEIGHTS}, or a checkpoint prefix)")
     return str(path)
+
+
+def _check_same_split(config: ExperimentConfig):
+    """A QAT run must validate on the images its float run held out too: otherwise its
+    validation accuracy is measured on images the float model trained on."""
+    saved_path = pathlib.Path(config.init_from) / RESULTS
+    if not saved_path.is_file() or config.val_fraction == 0:
+        # A bare checkpoint prefix: nothing to compare with. No validation split: nothing
+        # is measured that the float run's training images could inflate.
+        return
+    saved = json.loads(saved_path.read_text()).get("config", {})
+    defaults = ExperimentConfig()
+    for key in ("val_fraction", "split_seed"):
+        theirs = saved.get(key, getattr(defaults, key))
+        if theirs != getattr(config, key):
+            raise ConfigError(f"--{key}={getattr(config, key)} differs from the --init_from "
+                              f"run's {key}={theirs}: its validation images would include "
+                              "images the float model trained on")
 
 
 def build_float_model(config: ExperimentConfig, splits: data_lib.Splits):
@@ -94,13 +113,68 @@ class ClipHistograms(keras.callbacks.Callback):
         self._writer.flush()
 
 
+class EpochLog(keras.callbacks.Callback):
+    """Appends one JSON line per finished epoch (epoch, wall seconds, Keras logs) to `path`.
+
+    Keras' History only holds the epochs of the current invocation; this file keeps a run's
+    whole curve and its wall time when it is interrupted and resumed."""
+
+    def __init__(self, path: pathlib.Path):
+        super().__init__()
+        self._path = path
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        record = {"epoch": epoch + 1, "seconds": time.perf_counter() - self._start}
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        with self._path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def read_epoch_log(path: pathlib.Path) -> list[dict]:
+    """The finished epochs in `path`, one record per epoch. An epoch logged twice (killed
+    after its log line but before Keras' backup, then rerun) keeps its last record."""
+    if not path.is_file():
+        return []
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def freeze_batch_norms(model) -> int:
+    """Makes every BatchNormalization layer of `model` normalize with its moving statistics
+    in training too, and keeps those statistics fixed. Returns how many it froze.
+
+    Why: at 2 bits many channels become nearly constant within a batch, and training-mode
+    BatchNorm divides by their tiny batch deviation, which gave gradient norms of ~6000 on
+    MobileNetV2 (~8 frozen). How: the BN layer itself is set non-trainable (a non-trainable
+    tf_keras BN runs in inference mode even when called with training=True), not its tfmot
+    wrapper, so the wrapper's output quantizer keeps training. gamma and beta keep training
+    too where the BN is inside a tfmot wrapper (every BN of a tfacd or tfmot QAT model):
+    QuantizeWrapperV2 lists the inner layer's weights as its own trainable weights. A BN
+    outside a wrapper is frozen whole."""
+    frozen = 0
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)
+        if type(inner).__name__ in ("BatchNormalization", "SyncBatchNormalization"):
+            inner.trainable = False
+            frozen += 1
+    return frozen
+
+
 def _check_model_dir(config: ExperimentConfig) -> pathlib.Path:
     model_dir = pathlib.Path(config.model_dir)
     if (model_dir / RESULTS).exists() and not config.overwrite and config.mode != "eval":
         raise ConfigError(f"{model_dir} holds finished results ({RESULTS}); pass "
                           "--overwrite to train there again, or choose another --model_dir")
     if config.overwrite and (model_dir / RESULTS).exists():
-        for stale in (RESULTS, "backup"):
+        for stale in (RESULTS, "backup", EPOCH_LOG):
             target = model_dir / stale
             if target.is_dir():
                 tf.io.gfile.rmtree(str(target))
@@ -133,9 +207,12 @@ def _optimizer(config: ExperimentConfig, total_steps: int):
                                                       max(total_steps, 1))
     # Low-bit QAT of a deep network can produce rare huge gradients (BatchNorm over channels
     # that quantization made nearly constant); a global norm clip keeps one batch from
-    # wrecking the run.
-    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                global_clipnorm=config.clip_norm or None)
+    # wrecking the run. With SGD it also shrinks every step of such a batch; Adam's steps do
+    # not depend on the gradient's scale, so the clip costs it nothing.
+    clip = config.clip_norm or None
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(schedule, global_clipnorm=clip)
+    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, global_clipnorm=clip)
 
 
 def run(config: ExperimentConfig) -> dict:
@@ -148,6 +225,8 @@ def run(config: ExperimentConfig) -> dict:
     if config.mode == "qat" and not config.init_from:
         raise ConfigError("--mode=qat needs --init_from (a float run's model_dir or checkpoint)")
     init_prefix = _weights_prefix(config.init_from) if config.init_from else None
+    if config.init_from:
+        _check_same_split(config)
     # A multi-worker strategy must exist before any other TensorFlow op runs.
     strategy = make_strategy(config.strategy)
     chief, worker_id = _role(strategy)
@@ -155,7 +234,7 @@ def run(config: ExperimentConfig) -> dict:
     keras.utils.set_random_seed(config.seed)
 
     splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
-                           config.seed)
+                           config.split_seed)
     batch = config.batch_size
     train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
                                    config.seed)
@@ -181,6 +260,8 @@ def run(config: ExperimentConfig) -> dict:
             model = quantize(config, model)
             if not config.tfmot_default:
                 tfacd.calibrate(model, train_eval_data, config.calibration_batches)
+        if config.freeze_bn:
+            freeze_batch_norms(model)
         model.compile(optimizer=_optimizer(config, steps * config.epochs),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
@@ -202,6 +283,7 @@ def run(config: ExperimentConfig) -> dict:
             callbacks.append(ClipHistograms(str(model_dir / "logs")))
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(str(model_dir / "logs")))
+        callbacks.append(EpochLog(model_dir / EPOCH_LOG))
 
     start = time.perf_counter()
     history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
@@ -216,7 +298,11 @@ def run(config: ExperimentConfig) -> dict:
 
     results = _evaluate(model, splits, config, quantized)
     epochs_run = len(history.history.get("loss", []))
+    epochs = read_epoch_log(model_dir / EPOCH_LOG) if chief else []
     results.update({
+        # Across every invocation of a resumed run (train_seconds is this invocation's).
+        "epochs": epochs,
+        "train_seconds_total": sum(e["seconds"] for e in epochs) if epochs else None,
         "config": config.to_dict(),
         "train_seconds": train_seconds,
         "epochs_run_this_invocation": epochs_run,
@@ -228,7 +314,7 @@ def run(config: ExperimentConfig) -> dict:
         # Written before the export, so a failed export loses nothing: the run is finished
         # and `--mode=export` can be rerun on it with other options.
         (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
-        if config.export and quantized:
+        if config.export and config.mode == "qat":
             results["tflite"] = _export(model, config, splits, model_dir)
             (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
     return results
@@ -236,7 +322,8 @@ def run(config: ExperimentConfig) -> dict:
 
 def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) -> dict:
     """Writes `model.tflite` and its report into `model_dir`; returns the results' summary
-    of it. Float models get a float TFLite file; QAT models the baked int8 one."""
+    of it. Float models get a float TFLite file; tfacd QAT models the baked int8 one;
+    tfmot default QAT models tfmot's own int8 conversion."""
     from tfacd import export  # pylint: disable=import-outside-toplevel
     path = model_dir / TFLITE
     report_path = model_dir / EXPORT_REPORT
@@ -250,14 +337,22 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
                              labels=labels, report_path=report_path)
         report = json.loads(report_path.read_text())
     else:
-        export.export_float_tflite(model, path, input_mean=splits.mean, input_std=splits.std)
-        report = {"path": str(path), "file_bytes": path.stat().st_size, "float": True,
+        tfmot = config.mode == "qat" and config.tfmot_default
+        if tfmot:
+            export.export_tfmot_tflite(model, path, input_mean=splits.mean,
+                                       input_std=splits.std)
+        else:
+            export.export_float_tflite(model, path, input_mean=splits.mean,
+                                       input_std=splits.std)
+        report = {"path": str(path), "file_bytes": path.stat().st_size, "float": not tfmot,
+                  "tfmot_default": tfmot,
                   "fidelity": export.fidelity(model, path.read_bytes(), pixels, labels,
                                               splits.mean, splits.std)}
         report["op_histogram"] = export.op_histogram(path)
         report_path.write_text(json.dumps(report, indent=2))
         fidelity = report["fidelity"]
-        print(f"float TFLite file: {path}  {report['file_bytes']:,} bytes; top-1 agreement "
+        print(f"{'tfmot int8' if tfmot else 'float'} TFLite file: {path}  "
+              f"{report['file_bytes']:,} bytes; top-1 agreement "
               f"with Keras {fidelity['top1_agreement']:.4f} on {fidelity['num_examples']} "
               "images")
     fidelity = report.get("fidelity", {})
@@ -276,9 +371,6 @@ def export_run(config: ExperimentConfig) -> dict:
     model, splits, saved = _rebuild(model_dir, "--mode=export")
     saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
                                 activation_policy=config.activation_policy)
-    if saved.tfmot_default:
-        raise ConfigError(f"{model_dir} is a tfmot default QAT run; tfacd exports tfacd "
-                          "runs (convert tfmot models with tf.lite.TFLiteConverter)")
     summary = _export(model, saved, splits, model_dir)
     results_path = model_dir / RESULTS
     results = json.loads(results_path.read_text())
@@ -296,18 +388,41 @@ def _evaluate(model, splits, config, quantized: bool) -> dict:
         test_data = data_lib.pipeline(splits.x_test, splits.y_test, splits, batch, False)
         test_accuracy = float(model.evaluate(test_data, verbose=0,
                                              return_dict=True)["accuracy"])
-    per_layer = {}
+    per_layer, depthwise = {}, {}
     if quantized and len(splits.x_val):
-        per_layer = tfacd.sqnr.measure(model, next(iter(val_data))[0])
+        first_batch = next(iter(val_data))[0]
+        per_layer = tfacd.sqnr.measure(model, first_batch)
+        depthwise = depthwise_activation_ranges(model, first_batch)
     return {
         "val_accuracy": float(val["accuracy"]) if val else None,
         "val_loss": float(val["loss"]) if val else None,
         "test_accuracy": test_accuracy,
         "per_layer_sqnr_db": per_layer,
         "mean_sqnr_db": float(np.mean(list(per_layer.values()))) if per_layer else None,
+        "depthwise_activation_ranges": depthwise,
         "num_train": int(len(splits.x_train)), "num_val": int(len(splits.x_val)),
         "num_test": None if splits.x_test is None else int(len(splits.x_test)),
     }
+
+
+def depthwise_activation_ranges(model, x) -> dict:
+    """For every activation quantizer on a depthwise convolution's output: the per-channel
+    data range on batch `x` and the clips the quantizer uses (one pair for per-layer ones).
+    Rounded to 5 significant digits to keep results.json small; this is what
+    scripts/plots.py draws to show why per-channel clips matter."""
+    def rounded(values):
+        return [float(f"{v:.5g}") for v in np.ravel(values)]
+
+    ranges = tfacd.quantizers.channel_ranges(model, x)
+    found = {}
+    for info in tfacd.list_quantizers(model):
+        name = f"{info.layer}/{info.tensor}"
+        if info.kind == "activation" and "depthwise" in info.layer and name in ranges:
+            low, high = ranges[name]
+            found[name] = {"channel_min": rounded(low), "channel_max": rounded(high),
+                           "lower": rounded(info.lower), "upper": rounded(info.upper),
+                           "granularity": info.granularity, "num_bits": info.num_bits}
+    return found
 
 
 def _rebuild(model_dir: pathlib.Path, what: str):
@@ -319,7 +434,7 @@ def _rebuild(model_dir: pathlib.Path, what: str):
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     saved = ExperimentConfig(**{k: v for k, v in saved_values.items() if k in known})
     splits = data_lib.load(saved.dataset, saved.data_dir or None, saved.val_fraction,
-                           saved.seed)
+                           saved.split_seed)
     model = build_float_model(saved, splits)
     if saved.mode == "qat":
         model = quantize(saved, model)

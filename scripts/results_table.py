@@ -1,0 +1,138 @@
+"""The ablation table (Markdown) from the runs' results.json files; optionally ships runs.
+
+    python scripts/results_table.py --plan configs/plans/ablation_cifar10.yaml --runs_dir RUNS
+    python scripts/results_table.py --plan ... --runs_dir RUNS --ship c10_float,... --to results
+
+One row per configuration: runs that differ only in `seed` are one row, with the mean and the
+spread (sample standard deviation; the seeds' values are listed too). Columns: W/A bits,
+granularity, ACD, SQNR loss weight, validation top-1, TFLite top-1 (the exported file on the
+same validation images), mean SQNR (dB, validation batch), wall time of the training
+(summed over resumed invocations). Unfinished runs are listed under the table.
+
+`--ship` copies a run's small files (model.tflite, results.json, model_report.json) into
+`<to>/<run>/`, so anyone can check the numbers without retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ablation  # noqa: E402  pylint: disable=wrong-import-position
+
+SHIPPED_FILES = ("model.tflite", "results.json", "model_report.json")
+
+
+def row_key(config: dict) -> tuple:
+    if config["mode"] == "float":
+        return ("float",)
+    if config.get("tfmot_default"):
+        return ("tfmot",)
+    return (config["weight_bits"], config["activation_bits"], config["granularity"],
+            config["acd"], float(config["sqnr_weight"]))
+
+
+def describe(config: dict) -> list[str]:
+    if config["mode"] == "float":
+        return ["float", "-", "-", "-"]
+    if config.get("tfmot_default"):
+        return ["W8A8 (tfmot default)", "per-channel W, per-layer A", "-", "-"]
+    return [f"W{config['weight_bits']}A{config['activation_bits']}",
+            config["granularity"].replace("_", "-"),
+            config["acd"] if config["acd"] != "off" else "-",
+            f"{config['sqnr_weight']:g}" if config["sqnr_weight"] else "-"]
+
+
+def _percent(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    listed = ", ".join(f"{100 * v:.2f}" for v in values)
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} ({listed})"
+
+
+def _mean(values, fmt):
+    values = [v for v in values if v is not None]
+    return fmt.format(np.mean(values)) if values else "-"
+
+
+def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
+    """(Markdown table, names of unfinished runs)."""
+    rows, order, unfinished = {}, [], []
+    for run in runs:
+        path = runs_dir / run.name / "results.json"
+        if not path.is_file():
+            unfinished.append(run.name)
+            continue
+        results = json.loads(path.read_text())
+        key = row_key(results["config"])
+        if key not in rows:
+            rows[key] = []
+            order.append(key)
+        rows[key].append((run.name, results))
+    header = ("| runs | W/A bits | granularity | ACD | SQNR weight | val top-1 % | "
+              "TFLite top-1 % | mean SQNR dB | train time h |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for key in order:
+        members = rows[key]
+        results = [r for _, r in members]
+        seconds = [r.get("train_seconds_total") or r.get("train_seconds") for r in results]
+        lines.append("| " + " | ".join([
+            ", ".join(name for name, _ in members),
+            *describe(results[0]["config"]),
+            _percent([r.get("val_accuracy") for r in results]),
+            _percent([(r.get("tflite") or {}).get("accuracy") for r in results]),
+            _mean([r.get("mean_sqnr_db") for r in results], "{:.2f}"),
+            _mean([s / 3600 if s else None for s in seconds], "{:.2f}"),
+        ]) + " |")
+    return "\n".join(lines), unfinished
+
+
+def ship(runs_dir: pathlib.Path, names: list[str], to: pathlib.Path) -> list[pathlib.Path]:
+    copied = []
+    for name in names:
+        source = runs_dir / name
+        if not (source / "results.json").is_file():
+            raise ablation.PlanError(f"--ship: {source} has no results.json (not finished)")
+        target = to / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in SHIPPED_FILES:
+            if (source / file).is_file():
+                shutil.copy2(source / file, target / file)
+                copied.append(target / file)
+    return copied
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--runs_dir", required=True)
+    parser.add_argument("--ship", default="", help="comma-separated run names to ship")
+    parser.add_argument("--to", default="results", help="where shipped runs go")
+    args = parser.parse_args(argv)
+    runs_dir = pathlib.Path(args.runs_dir)
+    try:
+        runs, _ = ablation.load_plan(args.plan, None)
+        text, unfinished = table(runs_dir, runs)
+        print(text)
+        if unfinished:
+            print(f"\nnot finished: {', '.join(unfinished)}")
+        if args.ship:
+            for path in ship(runs_dir, args.ship.split(","), pathlib.Path(args.to)):
+                print(f"shipped {path} ({path.stat().st_size:,} bytes)")
+    except ablation.PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

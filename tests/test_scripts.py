@@ -1,0 +1,128 @@
+"""scripts/: the ablation runner, the results table (+ shipping) and the plots, end to end
+on a tiny plan over a generated image folder."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_data import make_folder
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TINY_PLAN = """
+common: {architecture: mobilenet_v2_cifar_tiny, width: 0.35, batch_size: 8, bn_momentum: 0.9,
+         calibration_batches: 1, steps_per_epoch: 2}
+qat: {epochs: 2, export: false, freeze_bn: true}
+runs:
+  c10_float: {config: configs/cifar10_float.yaml, epochs: 1}
+  c10_w2a2_pl_s0: {config: configs/cifar10_w2a2_per_layer.yaml, seed: 0}
+  c10_w2a2_pl_s1: {config: configs/cifar10_w2a2_per_layer.yaml, seed: 1}
+  c10_w2a2_pc_s0: {config: configs/cifar10_w2a2_per_channel.yaml}
+  c10_w2a2_pc_acd_sqnr_s0: {config: configs/cifar10_w2a2_per_channel_acd_sqnr.yaml,
+                            export: true}
+  c10_tfmot_8bit: {config: configs/cifar10_tfmot_default_8bit.yaml, export: true}
+"""
+
+
+def run_script(name, *args, timeout=1200):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    folder = make_folder(root / "images", per_class=12)
+    plan = root / "plan.yaml"
+    plan.write_text(TINY_PLAN)
+    runs = root / "runs"
+    result = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={runs}",
+                        f"--dataset={folder}", "--parallel=2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return plan, runs, folder, result.stdout
+
+
+def test_runner_trains_every_run_from_the_float_run(ablation):
+    plan, runs, _, stdout = ablation
+    for name in ("c10_float", "c10_w2a2_pl_s0", "c10_w2a2_pl_s1", "c10_w2a2_pc_s0",
+                 "c10_w2a2_pc_acd_sqnr_s0"):
+        results = json.loads((runs / name / "results.json").read_text())
+        assert (runs / f"{name}.log").is_file()
+        if name != "c10_float":
+            config = results["config"]
+            assert config["init_from"] == str(runs / "c10_float")
+            assert config["freeze_bn"] and config["epochs"] == 2
+            assert [e["epoch"] for e in results["epochs"]] == [1, 2]
+    assert json.loads((runs / "c10_w2a2_pl_s1" / "results.json").read_text())[
+        "config"]["seed"] == 1
+    assert (runs / "c10_w2a2_pc_acd_sqnr_s0" / "model.tflite").is_file()
+    # tfmot's reference row is exported by tfmot's own conversion and scored the same way.
+    tfmot = json.loads((runs / "c10_tfmot_8bit" / "results.json").read_text())["tflite"]
+    assert tfmot["file_bytes"] > 0 and 0.0 <= tfmot["accuracy"] <= 1.0
+    assert not (runs / "c10_w2a2_pc_s0" / "model.tflite").exists()
+    # Status, and a rerun that finds everything done and trains nothing.
+    status = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={runs}", "--status")
+    assert status.returncode == 0 and status.stdout.count(" done ") == 6, status.stdout
+    again = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={runs}", "--parallel=2")
+    assert again.returncode == 0 and "start" not in again.stdout, again.stdout
+
+
+def test_table_groups_seeds_and_ships_small_files(ablation, tmp_path):
+    plan, runs, _, _ = ablation
+    result = run_script("results_table.py", f"--plan={plan}", f"--runs_dir={runs}",
+                        "--ship=c10_w2a2_pc_acd_sqnr_s0", f"--to={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| c10")]
+    assert len(rows) == 5, result.stdout                 # the two per-layer seeds are one row
+    per_layer = next(r for r in rows if "c10_w2a2_pl_s0, c10_w2a2_pl_s1" in r)
+    assert "±" in per_layer and "per-layer" in per_layer
+    shipped = tmp_path / "c10_w2a2_pc_acd_sqnr_s0"
+    assert sorted(p.name for p in shipped.iterdir()) == [
+        "model.tflite", "model_report.json", "results.json"]
+    unfinished = run_script("results_table.py", f"--plan={plan}", f"--runs_dir={runs}",
+                            "--ship=c10_nothing", f"--to={tmp_path}")
+    assert unfinished.returncode == 2 and "c10_nothing" in unfinished.stderr
+
+
+def test_plots_are_drawn_from_results(ablation, tmp_path):
+    _, runs, _, _ = ablation
+    result = run_script("plots.py", f"--runs_dir={runs}", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("depthwise_ranges.png", "per_layer_sqnr.png", "val_accuracy.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    # Runs missing from the plan are named, not fatal.
+    assert "c10_w2a2_pc_acd_decay" in result.stderr
+    missing = run_script("plots.py", f"--runs_dir={tmp_path / 'none'}", f"--out={tmp_path}")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_the_shipped_plans_load():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ablation as runner  # pylint: disable=import-outside-toplevel
+    for plan in sorted((REPO / "configs" / "plans").glob("*.yaml")):
+        runs, float_run = runner.load_plan(str(plan), None)
+        assert float_run in {r.name for r in runs}
+        assert sum(r.mode == "qat" for r in runs) >= 12
+
+
+@pytest.mark.parametrize("plan_text, message", [
+    ("runs:\n  f: {config: configs/cifar10_float.yaml, wieght_bits: 2}\n",
+     "run 'f': unknown config key 'wieght_bits'"),
+    ("runs:\n  q: {config: configs/cifar10_w2a2_per_layer.yaml}\n",
+     "needs exactly one float run"),
+    ("runs:\n  f: {config: configs/cifar10_float.yaml, model_dir: x}\n",
+     "sets model_dir"),
+    ("run:\n  f: {config: configs/cifar10_float.yaml}\n", "unknown top-level keys"),
+])
+def test_bad_plans_exit_2_before_training(tmp_path, plan_text, message):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text)
+    result = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={tmp_path / 'runs'}")
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
