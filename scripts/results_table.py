@@ -66,7 +66,7 @@ def _mean(values, fmt):
 
 def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
     """(Markdown table, names of unfinished runs)."""
-    rows, order, unfinished = {}, [], []
+    rows, order, unfinished, footnote = {}, [], [], False
     for run in runs:
         path = runs_dir / run.name / "results.json"
         if not path.is_file():
@@ -85,14 +85,21 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
         members = rows[key]
         results = [r for _, r in members]
         seconds = [r.get("train_seconds_total") or r.get("train_seconds") for r in results]
+        # A run that predates the epoch log knows only its last invocation's time.
+        partial_time = any(not r.get("train_seconds_total") for r in results)
         lines.append("| " + " | ".join([
             ", ".join(name for name, _ in members),
             *describe(results[0]["config"]),
             _percent([r.get("val_accuracy") for r in results]),
             _percent([(r.get("tflite") or {}).get("accuracy") for r in results]),
             _mean([r.get("mean_sqnr_db") for r in results], "{:.2f}"),
-            _mean([s / 3600 if s else None for s in seconds], "{:.2f}"),
+            _mean([s / 3600 if s else None for s in seconds], "{:.2f}")
+            + ("*" if partial_time else ""),
         ]) + " |")
+        footnote = footnote or partial_time
+    if footnote:
+        lines.append("\n\\* the last invocation only: the run predates the epoch log that sums "
+                     "the wall time over resumed invocations")
     return "\n".join(lines), unfinished
 
 

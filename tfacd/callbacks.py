@@ -168,3 +168,58 @@ class ClipDecay(keras.callbacks.Callback):
                                           lam_l, lam_u)
             variables["lower"].assign(lower)
             variables["upper"].assign(upper)
+
+
+class ClipLearningRate(keras.callbacks.Callback):
+    """Scales every optimizer step of the clip variables by `multiplier`, for any optimizer.
+
+    After each training step::
+
+        l <- l_before + multiplier * (l_after - l_before)      (u the same)
+
+    where `l_before`, `l_after` are the clip before and after the optimizer's update. Adam's
+    and SGD-momentum's states depend only on gradients, not on the variables' values, so this
+    is exactly a per-variable learning rate of `multiplier * lr` for the clips. Why: LSQ's
+    gradient scale `g = 1 / sqrt(N n)` (`tfacd.ops`) sets the clips' step size relative to the
+    weights' under SGD, but Adam normalizes every variable's step to about `lr` whatever its
+    gradient's scale, so per-channel clips, which see few elements each, move as fast as the
+    weights. Place it before `ClipDecay` in the callback list, so the decay is not scaled.
+
+    Args:
+      multiplier: in [0, 1]; 0 freezes the clips where calibration put them.
+    """
+
+    def __init__(self, multiplier: float):
+        super().__init__()
+        if not 0.0 <= float(multiplier) <= 1.0:
+            raise ValueError(f"multiplier must be in [0, 1], got {multiplier!r}")
+        self.multiplier = float(multiplier)
+        self._clips = []
+        self._before = None
+        self._snapshot = self._blend = None
+
+    def get_config(self):
+        return {"multiplier": self.multiplier}
+
+    def on_train_begin(self, logs=None):
+        # By reference, once each: a variable listed twice would be scaled twice.
+        unique = {variables[name].ref(): variables[name]
+                  for _, _, _, variables in iter_quantizers(self.model)
+                  for name in ("lower", "upper")}
+        self._clips = list(unique.values())
+        if not self._clips:
+            raise ValueError("ClipLearningRate found no tfacd quantizers in the model")
+        self._snapshot = tf.function(lambda: [tf.identity(v) for v in self._clips])
+        self._blend = tf.function(self._blend_all)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._before = self._snapshot()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._before is not None:
+            self._blend(self._before)
+            self._before = None
+
+    def _blend_all(self, before):
+        for variable, old in zip(self._clips, before):
+            variable.assign(old + self.multiplier * (variable - old))

@@ -52,6 +52,7 @@ class ExperimentConfig:
     batch_size: int = 128
     learning_rate: float = 0.05
     optimizer: str = "sgd"               # sgd (Nesterov momentum 0.9) or adam
+    clip_lr_multiplier: float = 1.0      # QAT: the clips' learning rate / the weights'
     clip_norm: float = 5.0               # global gradient-norm clip; 0 turns it off
     weight_decay: float = 4e-5
     bn_momentum: float = 0.99
@@ -92,6 +93,8 @@ class ExperimentConfig:
         need(self.optimizer in OPTIMIZERS,
              f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
+        need(0 <= self.clip_lr_multiplier <= 1,
+             f"clip_lr_multiplier must be in [0, 1], got {self.clip_lr_multiplier!r}")
         need(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm!r}")
         need(self.sqnr_weight >= 0, f"sqnr_weight must be >= 0, got {self.sqnr_weight!r}")
         need(0 <= self.val_fraction < 1,

@@ -273,6 +273,8 @@ def run(config: ExperimentConfig) -> dict:
     quantized = config.mode == "qat" and not config.tfmot_default
     if quantized:
         sample = next(iter(val_data if val_data is not None else train_eval_data))[0]
+        if config.clip_lr_multiplier != 1.0:      # before ClipDecay: the decay is not scaled
+            callbacks.append(tfacd.callbacks.ClipLearningRate(config.clip_lr_multiplier))
         if config.acd != "off":
             callbacks.append(tfacd.callbacks.ClipDecay(
                 lower_strength=config.acd_lower_strength,
