@@ -33,6 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tfacd import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
+from tfacd import train  # noqa: E402  pylint: disable=wrong-import-position
 
 
 class PlanError(ValueError):
@@ -102,9 +103,7 @@ def status(runs_dir: pathlib.Path, run: Run) -> dict:
     """done / partial (n epochs) / not started, with the numbers a finished run reports."""
     run_dir = runs_dir / run.name
     results_path = run_dir / "results.json"
-    epochs_path = run_dir / "epochs.jsonl"
-    epochs = len({json.loads(line)["epoch"] for line in epochs_path.read_text().splitlines()
-                  if line.strip()}) if epochs_path.is_file() else 0
+    epochs = len(train.read_epoch_log(run_dir / train.EPOCH_LOG))
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         tflite = results.get("tflite") or {}

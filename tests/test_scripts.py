@@ -111,6 +111,17 @@ def test_the_shipped_plans_load():
         assert sum(r.mode == "qat" for r in runs) >= 12
 
 
+def test_export_diff_compares_keras_baked_graph_and_interpreter(ablation):
+    _, runs, _, _ = ablation
+    result = run_script("export_diff.py", f"--model_dir={runs / 'c10_w2a2_pl_s0'}",
+                        "--count=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keras vs baked graph: agreement" in result.stdout
+    assert "baked graph vs tflite reference: agreement" in result.stdout
+    missing = run_script("export_diff.py", f"--model_dir={runs / 'nothing'}")
+    assert missing.returncode == 2 and "results.json" in missing.stderr
+
+
 @pytest.mark.parametrize("plan_text, message", [
     ("runs:\n  f: {config: configs/cifar10_float.yaml, wieght_bits: 2}\n",
      "run 'f': unknown config key 'wieght_bits'"),

@@ -18,6 +18,7 @@ import tfacd
 from tfacd import data as data_lib
 from tfacd._keras import keras
 from tfacd.config import ConfigError, ExperimentConfig
+from tfacd.scheme import _BATCH_NORMS
 
 RESULTS = "results.json"
 TFLITE = "model.tflite"
@@ -162,7 +163,7 @@ def freeze_batch_norms(model) -> int:
     frozen = 0
     for layer in model.layers:
         inner = getattr(layer, "layer", layer)
-        if type(inner).__name__ in ("BatchNormalization", "SyncBatchNormalization"):
+        if type(inner).__name__ in _BATCH_NORMS:
             inner.trainable = False
             frozen += 1
     return frozen
