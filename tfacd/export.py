@@ -640,6 +640,13 @@ def _layer_for_tensor(tensor_name: str, layer_names) -> str | None:
     return max(hits, key=len) if hits else None
 
 
+def _mean_std(input_mean, input_std):
+    """Per-channel input mean and std as float32; a missing one is 0 (mean) or 1 (std)."""
+    mean = np.zeros(3) if input_mean is None else np.asarray(input_mean)
+    std = np.ones(3) if input_std is None else np.asarray(input_std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=None,
              batch_size: int = 64) -> dict:
     """Top-1 agreement and logit differences between the Keras QAT model and a file, and
@@ -647,9 +654,8 @@ def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=
     pixels = np.asarray(pixels, np.float32)
     normalized = pixels
     if input_mean is not None or input_std is not None:
-        mean = np.zeros(3) if input_mean is None else np.asarray(input_mean)
-        std = np.ones(3) if input_std is None else np.asarray(input_std)
-        normalized = (pixels - mean.astype(np.float32)) / std.astype(np.float32)
+        mean, std = _mean_std(input_mean, input_std)
+        normalized = (pixels - mean) / std
     keras_logits = np.concatenate([
         qat_model(normalized[i:i + batch_size], training=False).numpy()
         for i in range(0, len(pixels), batch_size)])
@@ -784,8 +790,7 @@ def export_tfmot_tflite(qat_model, output_path, *, input_mean=None,
     inputs = keras.Input(qat_model.input_shape[1:])
     x = inputs
     if input_mean is not None or input_std is not None:
-        mean = np.zeros(3) if input_mean is None else np.asarray(input_mean, np.float32)
-        std = np.ones(3) if input_std is None else np.asarray(input_std, np.float32)
+        mean, std = _mean_std(input_mean, input_std)
         x = keras.layers.Normalization(mean=mean, variance=np.square(std))(x)
     wrapper = keras.Model(inputs, qat_model(x, training=False))
     converter = tf.lite.TFLiteConverter.from_keras_model(wrapper)
