@@ -49,6 +49,8 @@ def test_bad_yaml_is_named(tmp_path, text, message):
 @pytest.mark.parametrize("values, message", [
     (dict(weight_bits=1), "weight_bits must be an integer from 2 to 8, got 1"),
     (dict(activation_bits=12), "activation_bits"), (dict(granularity="per_row"), "per_row"),
+    (dict(activation_granularity="per_row"), "activation_granularity"),
+    (dict(activation_init_method="kl"), "activation_init_method"),
     (dict(acd="maybe"), "maybe"), (dict(strategy="tpu"), "tpu"),
     (dict(val_fraction=1.0), "val_fraction"), (dict(architecture="resnet"), "resnet"),
     (dict(optimizer="rmsprop"), "optimizer must be one of .*rmsprop")])

@@ -10,6 +10,7 @@ import tensorflow_model_optimization as tfmot
 
 import tfacd
 from tfacd._keras import keras
+from tfacd.quantizers import channel_ranges
 from tests.conftest import compile_model, tiny_cnn
 
 
@@ -54,6 +55,37 @@ def test_per_layer_granularity_and_no_first_last_override(tiny_model):
     assert all(np.shape(i.lower) == () for i in infos)
 
 
+@pytest.mark.parametrize("weights, activations", [("per_channel", "per_layer"),
+                                                  ("per_layer", "per_channel")])
+def test_weights_and_activations_can_have_different_granularities(tiny_model, weights,
+                                                                   activations):
+    qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2,
+                               granularity=weights, activation_granularity=activations)
+    infos = [i for i in tfacd.list_quantizers(qat) if i.tensor != "input"]
+    assert {i.granularity for i in infos if i.kind == "weight"} == {weights}
+    assert {i.granularity for i in infos if i.kind == "activation"} == {activations}
+    table = _by_layer(qat)
+    assert np.shape(table["quant_dw"]["depthwise_kernel"].lower) == (
+        (8,) if weights == "per_channel" else ())
+    assert np.shape(table["quant_dw_relu"]["output"].lower) == (
+        (8,) if activations == "per_channel" else ())
+
+
+def test_activations_can_have_their_own_clip_initialization(tiny_model, tiny_data):
+    qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2,
+                               activation_init_method="minmax")
+    methods = {(q.kind, q.init_method) for _, _, q, _ in tfacd.iter_quantizers(qat)}
+    assert methods == {("weight", "mse"), ("activation", "minmax")}
+    # Calibration uses it: a min/max activation clip covers the whole calibration range.
+    x = tiny_data[0][:16]
+    tfacd.calibrate(qat, x)
+    ranges = channel_ranges(qat, x)
+    (variables,) = [v for layer, tensor, _, v in tfacd.iter_quantizers(qat)
+                    if layer.name == "quant_dw_relu" and tensor == "output"]
+    np.testing.assert_allclose(variables["upper"].numpy(), ranges["quant_dw_relu/output"][1],
+                               rtol=1e-5)
+
+
 def test_scheme_plugs_into_tfmot_quantize_apply(tiny_model):
     annotated = tfmot.quantization.keras.quantize_annotate_model(tiny_model)
     with tfacd.quantize_scope():
@@ -71,7 +103,9 @@ def test_scheme_plugs_into_tfmot_quantize_apply(tiny_model):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(weight_bits=1), "weight_bits"), (dict(activation_bits=9), "activation_bits"),
     (dict(first_last_bits=0), "first_last_bits"), (dict(granularity="per_group"), "per_group"),
-    (dict(sqnr_weight=-0.1), "sqnr_weight"), (dict(unsupported_layers="skip"), "skip")])
+    (dict(sqnr_weight=-0.1), "sqnr_weight"), (dict(unsupported_layers="skip"), "skip"),
+    (dict(activation_granularity="per_group"), "activation_granularity"),
+    (dict(activation_init_method="percentile"), "percentile")])
 def test_bad_scheme_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tfacd.QuantizeScheme(**kwargs)

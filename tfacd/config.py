@@ -42,6 +42,8 @@ class ExperimentConfig:
     activation_bits: int = 2
     first_last_bits: int = 8
     granularity: str = "per_channel"
+    activation_granularity: str = ""     # "": same as granularity; else per_layer/per_channel
+    activation_init_method: str = ""     # activation clips' init: "" (= mse, as weights), minmax
     acd: str = "off"
     acd_lower_strength: float = 0.01
     acd_upper_strength: float = 0.01
@@ -76,6 +78,12 @@ class ExperimentConfig:
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.granularity in GRANULARITIES,
              f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        need(self.activation_granularity in ("",) + GRANULARITIES,
+             f"activation_granularity must be empty or one of {GRANULARITIES}, "
+             f"got {self.activation_granularity!r}")
+        need(self.activation_init_method in ("",) + ops.INIT_METHODS,
+             f"activation_init_method must be empty or one of {ops.INIT_METHODS}, "
+             f"got {self.activation_init_method!r}")
         need(self.acd in ACD_CHOICES, f"acd must be one of {ACD_CHOICES}, got {self.acd!r}")
         need(self.strategy in STRATEGIES,
              f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")

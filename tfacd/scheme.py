@@ -55,6 +55,10 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
       activation_bits: bits of activations (2 to 8).
       granularity: "per_channel" (one clip pair per channel, weights and activations) or
         "per_layer" (one pair per tensor).
+      activation_granularity: the activations' granularity when it should differ from the
+        weights' ("per_channel" or "per_layer"); None: `granularity` for both. Separates the
+        two halves of the per-channel method (the model input's quantizer is per tensor
+        either way).
       first_last_bits: bits of the first and last weight layers and the tensors around them;
         None to use `weight_bits`/`activation_bits` everywhere.
       sqnr_weight: weight of the SQNR loss, `-sqnr_weight * mean SQNR (dB)` over all
@@ -62,6 +66,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
       gradient: clip gradient, "lsq" (LSQ+, default) or "pact".
       init_method: clip initialization from data, "mse" (per-channel error-minimizing search)
         or "minmax".
+      activation_init_method: the activations' initialization when it should differ from
+        `init_method` ("mse" or "minmax"); None: `init_method` for both.
       integer_zero_point: snap each grid so zero is on it (required for integer export).
       acd_pull: build activation quantizers with the ACD "pull" penalty, driven by
         `tfacd.callbacks.ClipDecay(mode="pull")`.
@@ -74,12 +80,18 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
                  granularity: str = "per_channel", first_last_bits: int | None = 8,
                  sqnr_weight: float = 0.0, gradient: str = "lsq", init_method: str = "mse",
                  integer_zero_point: bool = True, acd_pull: bool = False,
-                 quantize_input: bool = True, unsupported_layers: str = "error"):
+                 quantize_input: bool = True, unsupported_layers: str = "error",
+                 activation_granularity: str | None = None,
+                 activation_init_method: str | None = None):
         self.weight_bits = _checked_bits("weight_bits", weight_bits)
         self.activation_bits = _checked_bits("activation_bits", activation_bits)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         self.granularity = granularity
+        if activation_granularity is not None and activation_granularity not in GRANULARITIES:
+            raise ValueError(f"activation_granularity must be one of {GRANULARITIES} or None, "
+                             f"got {activation_granularity!r}")
+        self.activation_granularity = activation_granularity
         self.first_last_bits = (None if first_last_bits is None
                                 else _checked_bits("first_last_bits", first_last_bits))
         try:
@@ -90,6 +102,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
             raise ValueError(f"sqnr_weight must be >= 0, got {sqnr_weight!r}")
         self.gradient = ops.check_gradient(gradient)
         self.init_method = ops.check_init_method(init_method)
+        self.activation_init_method = (None if activation_init_method is None
+                                       else ops.check_init_method(activation_init_method))
         self.integer_zero_point = bool(integer_zero_point)
         self.acd_pull = bool(acd_pull)
         self.quantize_input = bool(quantize_input)
@@ -102,7 +116,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         return {k: getattr(self, k) for k in (
             "weight_bits", "activation_bits", "granularity", "first_last_bits", "sqnr_weight",
             "gradient", "init_method", "integer_zero_point", "acd_pull", "quantize_input",
-            "unsupported_layers")}
+            "unsupported_layers", "activation_granularity",
+            "activation_init_method")}
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -117,11 +132,15 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
     def make_quantizer(self, num_bits: int, kind: str, axis: int = -1,
                        per_channel: bool | None = None) -> ClipQuantizer:
         """A `ClipQuantizer` with this scheme's settings."""
+        if per_channel is None:
+            granularity = (self.activation_granularity or self.granularity
+                           if kind == "activation" else self.granularity)
+            per_channel = granularity == "per_channel"
         return ClipQuantizer(
-            num_bits=num_bits,
-            per_channel=(self.granularity == "per_channel") if per_channel is None
-            else per_channel,
-            axis=axis, kind=kind, gradient=self.gradient, init_method=self.init_method,
+            num_bits=num_bits, per_channel=per_channel,
+            axis=axis, kind=kind, gradient=self.gradient,
+            init_method=(self.activation_init_method or self.init_method
+                         if kind == "activation" else self.init_method),
             integer_zero_point=self.integer_zero_point,
             acd_pull=self.acd_pull and kind == "activation")
 

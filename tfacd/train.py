@@ -85,7 +85,9 @@ def quantize(config: ExperimentConfig, model):
     return tfacd.quantize_model(
         model, weight_bits=config.weight_bits, activation_bits=config.activation_bits,
         granularity=config.granularity, first_last_bits=config.first_last_bits,
-        sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull")
+        sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull",
+        activation_granularity=config.activation_granularity or None,
+        activation_init_method=config.activation_init_method or None)
 
 
 def load_weights(model, prefix: str, what: str):
