@@ -56,6 +56,36 @@ def test_forward_matches_tensorflow_fake_quant():
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
+def test_int8_window_keeps_8bit_weight_indices_in_tflite_range():
+    # Channel 0: z = 200 (grid indices [-200, 55]); channel 1: z = 0 ([0, 255]);
+    # channel 2: z = 128 ([-128, 127], one level too many for int8's [-127, 127]).
+    step = 0.01
+    lower = np.array([-200, 0, -128], "float32") * step
+    upper = lower + 255 * step
+    x = np.random.default_rng(3).uniform(-3, 3, size=(4000, 3)).astype("float32")
+    plain = ops.quantize_forward(x, lower, upper, 8, -1).numpy() / step
+    windowed = ops.quantize_forward(x, lower, upper, 8, -1, int8_window=True).numpy() / step
+    assert plain.min() < -127 and plain.max() > 127               # the problem is real
+    np.testing.assert_allclose(windowed, np.round(windowed), atol=1e-3)
+    assert windowed.min() >= -127 - 1e-3 and windowed.max() <= 127 + 1e-3
+    inside = np.abs(plain) <= 127
+    np.testing.assert_allclose(windowed[inside], plain[inside], atol=1e-3)
+    # Training sees the same forward values.
+    trained = ops.fake_quant(x, lower, upper, 8, -1, int8_window=True).numpy() / step
+    np.testing.assert_allclose(trained, windowed, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7])
+def test_int8_window_changes_nothing_below_8_bits(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.normal(size=(500, 4)).astype("float32") * 3
+    lower = np.array([-2.0, 0.0, -0.1, -5.0], "float32")
+    upper = np.array([2.0, 3.0, 4.0, 0.1], "float32")
+    np.testing.assert_array_equal(
+        ops.quantize_forward(x, lower, upper, bits, -1, int8_window=True).numpy(),
+        ops.quantize_forward(x, lower, upper, bits, -1).numpy())
+
+
 def test_per_channel_equals_per_tensor_when_channels_share_a_range():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 4, 4, 5)).astype("float32")

@@ -12,9 +12,11 @@ What the bake does, and what is exact
   folded in (`w' = w * gamma / sqrt(var + eps)` per output channel, bias likewise), which scales
   the step per output channel and keeps `m`. The folded kernel is emitted as an 8-bit symmetric
   per-channel fake-quant with range `[-127 s', 127 s']`, so TFLite stores exactly `m` as int8
-  with scale `s'` and zero point 0. An 8-bit weight channel whose grid reaches `-128` cannot be
-  held by TFLite's symmetric `[-127, 127]`; those few values are clamped to `-127` and the
-  report counts them (`clamped_weights`).
+  with scale `s'` and zero point 0. At 8 bits the asymmetric grid has 256 levels and TFLite's
+  symmetric int8 255; the weight quantizers keep `m` in `[-127, 127]` in training already
+  (`tfacd.ops`, `int8_window`), so this holds there too. A model trained without that (tfacd
+  before it) can have a weight on `-128`: the export clamps it to `-127` and the report counts
+  it (`clamped_weights`), and the file then differs from the Keras model.
 * **Per-tensor activations (exact).** A k-bit activation with clips `[l', u']` and step `s` is
   emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
   the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
@@ -190,7 +192,7 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
         quantized_kernel = ops.quantize_forward(
             tf.constant(kernel, tf.float32), lower, upper, quantizer.num_bits,
             quantizer.axis % kernel.ndim if quantizer.per_channel else None,
-            integer_zero_point=True).numpy()
+            integer_zero_point=True, int8_window=quantizer.int8_window).numpy()
         integers = np.round(quantized_kernel / clip_step)
         step = np.broadcast_to(clip_step, kernel.shape).astype(np.float64)
         kernel = integers * step
@@ -412,7 +414,8 @@ def _normalization(x, mean, std, quantized: bool, input_quantized: bool):
 
 
 def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp",
-         quantized: bool = True, batch_size: int | None = None) -> Bake:
+         quantized: bool = True, batch_size: int | None = None,
+         taps: bool = False) -> Bake:
     """Rewrites `model` (a tfacd QAT model) into an inference function TFLite can convert.
 
     Args:
@@ -424,6 +427,9 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
       quantized: False bakes the float model (unquantized weights, BN folded, no fake quant):
         the reference for file size and latency.
       batch_size: the function's batch dimension (None: any).
+      taps: the function returns `{layer name: output}` for every layer instead of the
+        model's output (for finding where the baked graph departs from Keras; not
+        convertible).
     """
     if activation_policy not in ACTIVATION_POLICIES:
         raise ExportError(f"activation_policy must be one of {ACTIVATION_POLICIES}, got "
@@ -465,7 +471,7 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
 
     @tf.function(input_signature=[spec], autograph=False)
     def inference(pixels):
-        values = {}
+        values, tapped = {}, {}
         x = _normalization(pixels, mean, std, quantized, input_quantized) \
             if normalize else pixels
         values[id(model.inputs[0])] = x
@@ -494,7 +500,8 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
                                                _is_nonnegative(_inner(layer)))
                 for kt, value in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(out)):
                     values[id(kt)] = value
-        return values[id(model.outputs[0])]
+                tapped[layer.name] = out
+        return tapped if taps else values[id(model.outputs[0])]
 
     function = inference.get_concrete_function()
     return Bake(function, weights, list(plans.values()), float_layers, quantized, model)

@@ -24,6 +24,18 @@ holds the same values::
 and `(l', u')` replace `(l, u)` in the formula above. The move is at most `s / 2`; gradients
 pass straight through it (`dl'/dl = du'/du = 1`).
 
+Weights quantized for TFLite (`int8_window=True`, what the weight quantizers use) also keep the
+grid index inside int8's symmetric weight range, which TFLite requires (zero point 0, values
+in `[-127, 127]`)::
+
+    q(x) = s * clamp(round((clip(x, l', u') - l') / s) - z, -127, 127)
+
+This binds only at 8 bits (at `b <= 7`, `[-z, n - z]` lies inside `[-127, 127]`): an 8-bit
+asymmetric grid has 256 levels and int8's symmetric range 255, so without it a weight on level
+`-128` (or `128`) would be changed by the export, and a 2-bit network downstream is chaotic
+enough to turn that one-step change into different predictions (measured in docs/results.md).
+The backward pass treats a clamped element as inside the range.
+
 Backward pass (LSQ+ style, the default)::
 
     dq/dx = 1                 if l <= x <= u, else 0          (straight-through estimator)
@@ -73,6 +85,10 @@ MAX_BITS = 8
 #: The smallest clipping range. Keeps `s > 0` for channels whose data range is zero (dead ReLU
 #: channels, constant depthwise filters), so no division by zero in forward or backward.
 MIN_RANGE = 1e-6
+
+#: The largest weight index TFLite's int8 weights hold (symmetric, zero point 0).
+INT8_WEIGHT_LIMIT = 127.0
+_NO_LIMIT = 3.0e38
 
 GRADIENTS = ("lsq", "pact")
 
@@ -179,14 +195,15 @@ def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None):
 
 @tf.function(jit_compile=True, autograph=False)
 def _fused_forward(x, lower, upper, levels, clip_axes, stat_axes, with_noise,
-                   integer_zero_point):
+                   integer_zero_point, index_limit):
     """q, per-clip data min/max and, optionally, per-channel signal and noise powers."""
     scale = (upper - lower) / levels
     clipped = tf.minimum(tf.maximum(x, lower), upper)
     # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to exactly
     # 0.0 (k s + l would leave a rounding residue of ~1e-8).
     zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
-    q = (tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point) * scale
+    index = tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point
+    q = tf.clip_by_value(index, -index_limit, index_limit) * scale
     outputs = [q, tf.reduce_min(x, axis=clip_axes), tf.reduce_max(x, axis=clip_axes)]
     if with_noise:
         outputs += [tf.reduce_sum(tf.square(x), axis=stat_axes),
@@ -246,14 +263,19 @@ def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis):
     return x, rows, restore, lower, upper, finish, float(num_levels(num_bits))
 
 
+def _index_limit(int8_window: bool, integer_zero_point: bool):
+    return tf.constant(INT8_WEIGHT_LIMIT if int8_window and integer_zero_point else _NO_LIMIT)
+
+
 def quantize_forward(x, lower, upper, num_bits: int, axis: int | None = None,
-                     integer_zero_point: bool = True):
+                     integer_zero_point: bool = True, int8_window: bool = False):
     """The forward pass only (no custom gradient): inference and measurements."""
     x = tf.convert_to_tensor(x, tf.float32)
     _, rows, restore, lower, upper, _, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1)
     return restore(_fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,),
-                                  False, integer_zero_point)[0])
+                                  False, integer_zero_point,
+                                  _index_limit(int8_window, integer_zero_point))[0])
 
 
 def _ordered(lower, upper, num_bits):
@@ -263,7 +285,8 @@ def _ordered(lower, upper, num_bits):
 
 def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = None, *,
                           gradient: str = "lsq", integer_zero_point: bool = True,
-                          grad_scale: float = 1.0, sqnr_axis: int | None = None):
+                          grad_scale: float = 1.0, sqnr_axis: int | None = None,
+                          int8_window: bool = False):
     """`q(x)` with the gradients of the module docstring, plus statistics from the same sweep.
 
     Args:
@@ -274,6 +297,7 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
       gradient: `"lsq"` (rounding-error term inside the range, LSQ+) or `"pact"` (clipped
         elements only).
       integer_zero_point: nudge the grid so zero is on it (needed by integer engines).
+      int8_window: also keep the grid index in `[-127, 127]` (TFLite's int8 weights).
       grad_scale: multiplies the clip gradients (LSQ's `1 / sqrt(N * n)`).
       sqnr_axis: when given, also compute the mean per-channel SQNR (dB) along this axis.
         Its gradient reaches only the clips (through the same LSQ+/PACT terms), never `x`:
@@ -293,11 +317,12 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
         x, lower, upper, num_bits, axis, integer_zero_point,
         sqnr_axis if with_noise else x.shape.rank - 1)
     levels = tf.constant(levels)
+    index_limit = _index_limit(int8_window, integer_zero_point)
 
     @tf.custom_gradient
     def _quantize(rows, lower, upper):
         outputs = _fused_forward(rows, lower, upper, levels, (0,), (0,), with_noise,
-                                 integer_zero_point)
+                                 integer_zero_point, index_limit)
 
         def grad(dq, *unused_and_dnoise):
             dnoise = unused_and_dnoise[-1] if with_noise else None
@@ -324,14 +349,14 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
 
 def fake_quant(x, lower, upper, num_bits: int, axis: int | None = None, *,
                gradient: str = "lsq", integer_zero_point: bool = True,
-               grad_scale: float = 1.0):
+               grad_scale: float = 1.0, int8_window: bool = False):
     """Fake-quantizes `x` with learnable clips; see the module docstring for the formulas.
 
     The arguments are those of `fake_quant_with_stats`, which this calls, returning `q(x)`.
     """
     return fake_quant_with_stats(x, lower, upper, num_bits, axis, gradient=gradient,
                                  integer_zero_point=integer_zero_point,
-                                 grad_scale=grad_scale)[0]
+                                 grad_scale=grad_scale, int8_window=int8_window)[0]
 
 
 def lsq_grad_scale(num_elements_per_clip: int, num_bits: int) -> float:

@@ -78,7 +78,8 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
     """Uniform asymmetric fake quantizer with learnable lower and upper clips.
 
     Forward: `q(x) = l + s * round((clip(x, l, u) - l) / s)`, `s = (u - l) / (2^b - 1)`, with
-    the zero-point nudge of `tfacd.ops` when `integer_zero_point`. Backward: straight-through
+    the zero-point nudge of `tfacd.ops` when `integer_zero_point` (and, for weights, the grid
+    index kept in TFLite's int8 `[-127, 127]`, which binds at 8 bits only). Backward: straight-through
     for `x` inside `[l, u]`; LSQ+ (default) or PACT gradients for `l` and `u`, scaled by
     `1 / sqrt(N * (2^b - 1))` (see `tfacd.ops.fake_quant`).
 
@@ -138,6 +139,12 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         self._layer_ref = None
 
     @property
+    def int8_window(self) -> bool:
+        """Weights keep their grid index in TFLite's int8 `[-127, 127]` (binds at 8 bits only;
+        see `tfacd.ops`)."""
+        return self.kind == "weight" and self.integer_zero_point
+
+    @property
     def granularity(self) -> str:
         return "per_channel" if self.per_channel else "per_layer"
 
@@ -195,17 +202,18 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         if not training:
             if not _RECORD_SQNR:
                 return ops.quantize_forward(x, lower, upper, self.num_bits, axis,
-                                            integer_zero_point=self.integer_zero_point)
+                                            integer_zero_point=self.integer_zero_point,
+                                            int8_window=self.int8_window)
             q, _, _, sqnr = ops.fake_quant_with_stats(
                 x, lower, upper, self.num_bits, axis, sqnr_axis=self._sqnr_axis(x),
-                integer_zero_point=self.integer_zero_point)
+                integer_zero_point=self.integer_zero_point, int8_window=self.int8_window)
             weights["sqnr_db"].assign(sqnr)
             return q
 
         with_sqnr = self.sqnr_loss_weight > 0.0 or _RECORD_SQNR
         q, data_min, data_max, sqnr = ops.fake_quant_with_stats(
             x, lower, upper, self.num_bits, axis, gradient=self.gradient,
-            integer_zero_point=self.integer_zero_point,
+            integer_zero_point=self.integer_zero_point, int8_window=self.int8_window,
             grad_scale=ops.lsq_grad_scale(self._elements_per_clip(x), self.num_bits),
             sqnr_axis=self._sqnr_axis(x) if with_sqnr else None)
         self._track_range(data_min, data_max, weights)
