@@ -33,6 +33,8 @@ W2A2_VARIANTS = {
     "per-channel + ACD pull": "c10_w2a2_pc_acd_pull",
     "per-channel + SQNR": "c10_w2a2_pc_sqnr",
     "per-channel + ACD + SQNR": "c10_w2a2_pc_acd_sqnr_s0",
+    "per-channel W, per-layer A": "c10_w2a2_pcw_pla_s0",
+    "per-channel W, per-layer A + ACD + SQNR": "c10_w2a2_pcw_pla_acd_sqnr_s0",
 }
 SQNR_RUNS = ("per-layer", "per-channel", "per-channel + ACD + SQNR")
 

@@ -34,8 +34,17 @@ def row_key(config: dict) -> tuple:
         return ("float",)
     if config.get("tfmot_default"):
         return ("tfmot",)
-    return (config["weight_bits"], config["activation_bits"], config["granularity"],
+    return (config["weight_bits"], config["activation_bits"], _granularity(config),
             config["acd"], float(config["sqnr_weight"]))
+
+
+def _granularity(config: dict) -> str:
+    """"per-channel", "per-layer", or "per-channel W, per-layer A" when the two differ."""
+    weights = config["granularity"]
+    activations = config.get("activation_granularity") or weights
+    if activations == weights:
+        return weights.replace("_", "-")
+    return f"{weights.replace('_', '-')} W, {activations.replace('_', '-')} A"
 
 
 def describe(config: dict) -> list[str]:
@@ -44,7 +53,7 @@ def describe(config: dict) -> list[str]:
     if config.get("tfmot_default"):
         return ["W8A8 (tfmot default)", "per-channel W, per-layer A", "-", "-"]
     return [f"W{config['weight_bits']}A{config['activation_bits']}",
-            config["granularity"].replace("_", "-"),
+            _granularity(config),
             config["acd"] if config["acd"] != "off" else "-",
             f"{config['sqnr_weight']:g}" if config["sqnr_weight"] else "-"]
 

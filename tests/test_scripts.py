@@ -141,3 +141,17 @@ def test_bad_plans_exit_2_before_training(tmp_path, plan_text, message):
     result = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={tmp_path / 'runs'}")
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_table_names_mixed_granularities():
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("results_table",
+                                                  REPO / "scripts" / "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    config = {"mode": "qat", "weight_bits": 2, "activation_bits": 2, "acd": "off",
+              "sqnr_weight": 0.0, "granularity": "per_channel", "activation_granularity": ""}
+    assert table.describe(config)[1] == "per-channel"
+    mixed = dict(config, activation_granularity="per_layer")
+    assert table.describe(mixed)[1] == "per-channel W, per-layer A"
+    assert table.row_key(mixed) != table.row_key(config)      # separate rows, never averaged

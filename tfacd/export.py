@@ -17,6 +17,12 @@ What the bake does, and what is exact
   (`tfacd.ops`, `int8_window`), so this holds there too. A model trained without that (tfacd
   before it) can have a weight on `-128`: the export clamps it to `-127` and the report counts
   it (`clamped_weights`), and the file then differs from the Keras model.
+* **Bias (almost exact).** TFLite stores the (folded) bias as int32 with the scale
+  `s_in * s'_c`. At 2 bits both steps are coarse, and rounding the bias to that grid moved
+  trained models' outputs across rounding boundaries. So each channel's integers are spread
+  over int8, `m s' = (K m) (s' / K)` with `K = floor(127 / max |m|)` (42 at 2 bits): the
+  same values and the same number of distinct values, with a bias grid `K` times finer. The
+  bias's rounding error left is at most `s_in s' / (2K)`.
 * **Per-tensor activations (exact).** A k-bit activation with clips `[l', u']` and step `s` is
   emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
   the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
@@ -146,6 +152,7 @@ class BakedWeights:
     step: np.ndarray | None      # per output channel
     bits: int | None
     clamped: int = 0             # values outside int8's [-127, 127] that had to be clamped
+    spread: np.ndarray | None = None  # K per output channel: integers = K * (k-bit index)
 
 
 def _bn_multiplier_and_shift(bn_layer, channels: int):
@@ -212,18 +219,28 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
             integers = integers * np.sign(multiplier)
             step = step * np.abs(multiplier)
     bits = quantizer.num_bits if quantizer is not None and quantized else None
-    clamped = 0
+    clamped, spread = 0, None
     if integers is not None:
         # One step per output channel (it is constant along the other axes by construction).
         step = step.reshape(-1, out_channels).max(axis=0)
         step = np.where(step > 0, step, 1.0)
         clamped = int(np.sum(np.abs(integers) > _INT8_MAX))
         integers = np.clip(integers, -_INT8_MAX, _INT8_MAX)
+        # Spread each channel's integers over int8: m s = (K m) (s / K). Same values, same
+        # number of levels, but TFLite's int32 bias has the scale s_in * s / K, K times finer.
+        # At 2 bits the bias's own rounding (up to s_in * s / 2) is otherwise a sixth of an
+        # output step and moved 9% of a trained model's first depthwise outputs to the next
+        # level (measured, docs/results.md).
+        largest = np.abs(integers.reshape(-1, out_channels)).max(axis=0)
+        spread = np.maximum(_INT8_MAX // np.maximum(largest, 1), 1)
+        integers = integers * spread
+        step = step / spread
         kernel = integers * step
     return BakedWeights(kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
                         integers=None if integers is None else integers.astype(np.int32),
                         step=None if step is None else step.astype(np.float32), bits=bits,
-                        clamped=clamped)
+                        clamped=clamped,
+                        spread=None if spread is None else spread.astype(np.int32))
 
 
 def _weight_tensor(baked: BakedWeights):

@@ -1,0 +1,43 @@
+"""One-off diagnostic (session 4, issue #4): what 8-bit weights on level -128 do.
+
+    PYTHONPATH=. python scripts/diagnostics/clamp_effect.py RUNS/c10_w2a2_pl_s0
+
+Sets the first and last layers' weights whose 8-bit index is outside [-127, 127] to +-127 in
+the Keras model (what the export did to them before `int8_window`), then prints, per
+quantized activation, the fraction of values that Keras and the baked graph round
+differently, and the top-1 agreement of the two on 100 validation images. On the per-layer
+W2A2 run (trained before `int8_window`): 3 weights changed, agreement 0.99 (0.71 without
+the change). With today's code the Keras model applies the window itself, so the change is
+a no-op and the script measures Keras vs the baked graph as they are.
+"""
+import sys, pathlib, numpy as np, tensorflow as tf
+from tfacd import train, export, ops
+from tfacd._keras import keras
+from tfacd.quantizers import effective_clips
+model, splits, _ = train._rebuild(pathlib.Path(sys.argv[1]), "--model_dir")
+for name in ("quant_stem_conv", "quant_logits"):
+    layer = model.get_layer(name)
+    entries = export._weight_quantizers(layer)
+    (attr, (kernel, quantizer, variables)), = entries.items()
+    lower, upper = effective_clips(quantizer, variables)
+    step = (upper - lower) / ops.num_levels(quantizer.num_bits)
+    q = ops.quantize_forward(kernel, lower, upper, quantizer.num_bits, quantizer.axis % kernel.shape.rank).numpy()
+    ints = np.round(q / step)
+    bad = np.abs(ints) > 127
+    print(name, "clamped", bad.sum())
+    k = kernel.numpy(); k[bad] = (np.sign(ints) * 127 * np.broadcast_to(step, k.shape))[bad]
+    kernel.assign(k)
+pixels = splits.x_val[:100].astype(np.float32)
+x = ((pixels - splits.mean) / splits.std).astype(np.float32)
+b = export.bake(model, splits.mean, splits.std, "clamp", taps=True)
+t = b.function(tf.constant(pixels))
+plans = {p.name: p for p in b.activations}
+names = [l.name for l in model.layers if l.name in plans]
+outs = keras.Model(model.inputs, [model.get_layer(n).output for n in names])(x, training=False)
+for n, o in zip(names, outs):
+    p = plans[n]; s = np.reshape((p.upper - p.lower) / (2 ** p.bits - 1), -1)
+    d = np.abs(o.numpy() - t[n].numpy()) / s
+    print(f"{n:40s} {np.mean(d > 0.1):.5f} {d.max():.2f}")
+full = export.bake(model, splits.mean, splits.std, "clamp")
+kl = model(x, training=False).numpy(); bl = full.function(tf.constant(pixels)).numpy()
+print("agreement keras vs baked", np.mean(kl.argmax(1) == bl.argmax(1)), np.abs(kl - bl).max())
