@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def _layer_differences(model, _, normalized, pixels, splits, args):
+def _layer_differences(model, normalized, pixels, splits, args):
     """Prints, per quantized activation, how many values Keras and the baked graph round
     differently."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         out = runner.get_output_details()[0]
         logits[name] = export._from_output(runner.get_tensor(out["index"]), out)  # pylint: disable=protected-access
     if args.layers:
-        _layer_differences(model, baked.model, normalized, pixels, splits, args)
+        _layer_differences(model, normalized, pixels, splits, args)
     for name, values in logits.items():
         print(f"{name:18s} top-1 {np.mean(values.argmax(1) == labels):.4f}")
     names = list(logits)

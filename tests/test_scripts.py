@@ -114,13 +114,16 @@ def test_the_shipped_plans_load():
 def test_export_diff_compares_keras_baked_graph_and_interpreter(ablation):
     _, runs, _, _ = ablation
     result = run_script("export_diff.py", f"--model_dir={runs / 'c10_w2a2_pl_s0'}",
-                        "--count=8", "--perturbation=0")
+                        "--count=8", "--perturbation=0", "--layers")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keras vs baked graph: agreement" in result.stdout
     # No perturbation: the perturbed copy is the model itself.
     assert ("keras vs keras perturbed: agreement 1.0000, max logit difference 0.0000"
             in result.stdout), result.stdout
     assert "perturbed 0 BatchNorm" not in result.stdout
+    # --layers: one line per quantized activation, the input's quantizer first.
+    assert "values rounded differently" in result.stdout
+    assert "  quantize_layer " in result.stdout
     assert "baked graph vs tflite reference: agreement" in result.stdout
     missing = run_script("export_diff.py", f"--model_dir={runs / 'nothing'}")
     assert missing.returncode == 2 and "results.json" in missing.stderr
