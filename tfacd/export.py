@@ -13,10 +13,8 @@ What the bake does, and what is exact
   the step per output channel and keeps `m`. The folded kernel is emitted as an 8-bit symmetric
   per-channel fake-quant with range `[-127 s', 127 s']`, so TFLite stores exactly `m` as int8
   with scale `s'` and zero point 0. At 8 bits the asymmetric grid has 256 levels and TFLite's
-  symmetric int8 255; the weight quantizers keep `m` in `[-127, 127]` in training already
-  (`tfacd.ops`, `int8_window`), so this holds there too. A model trained without that (tfacd
-  before it) can have a weight on `-128`: the export clamps it to `-127` and the report counts
-  it (`clamped_weights`), and the file then differs from the Keras model.
+  symmetric int8 255: a weight on `-128` is clamped to `-127` and the report counts it
+  (`clamped_weights`); the file then differs from the Keras model.
 * **Bias (almost exact).** TFLite stores the (folded) bias as int32 with the scale
   `s_in * s'_c`. At 2 bits both steps are coarse, and rounding the bias to that grid moved
   trained models' outputs across rounding boundaries. So each channel's integers are spread
