@@ -56,34 +56,64 @@ def test_forward_matches_tensorflow_fake_quant():
         np.testing.assert_allclose(actual, expected, atol=1e-5)
 
 
-def test_int8_window_keeps_8bit_weight_indices_in_tflite_range():
-    # Channel 0: z = 200 (grid indices [-200, 55]); channel 1: z = 0 ([0, 255]);
-    # channel 2: z = 128 ([-128, 127], one level too many for int8's [-127, 127]).
+def test_symmetric_step_puts_8bit_weights_on_int8_levels_without_losing_range():
+    # The asymmetric 8-bit grid has 256 levels, one more than int8's [-127, 127]: channel 2
+    # (z = 128) reaches -128, and one-sided channels reach 255. The symmetric step keeps every
+    # level an int8 integer and each channel's whole clip range.
     step = 0.01
-    lower = np.array([-200, 0, -128], "float32") * step
+    lower = np.array([-200, 0, -128, -55], "float32") * step
     upper = lower + 255 * step
-    x = np.random.default_rng(3).uniform(-3, 3, size=(4000, 3)).astype("float32")
+    x = np.random.default_rng(3).uniform(-3, 3, size=(4000, 4)).astype("float32")
     plain = ops.quantize_forward(x, lower, upper, 8, -1).numpy() / step
-    windowed = ops.quantize_forward(x, lower, upper, 8, -1, int8_window=True).numpy() / step
     assert plain.min() < -127 and plain.max() > 127               # the problem is real
-    np.testing.assert_allclose(windowed, np.round(windowed), atol=1e-3)
-    assert windowed.min() >= -127 - 1e-3 and windowed.max() <= 127 + 1e-3
-    inside = np.abs(plain) <= 127
-    np.testing.assert_allclose(windowed[inside], plain[inside], atol=1e-3)
-    # Training sees the same forward values.
-    trained = ops.fake_quant(x, lower, upper, 8, -1, int8_window=True).numpy() / step
-    np.testing.assert_allclose(trained, windowed, atol=1e-4)
+    q = ops.quantize_forward(x, lower, upper, 8, -1, symmetric_step=True).numpy()
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
+    index = q / scale
+    np.testing.assert_allclose(index, np.round(index), atol=1e-3)
+    assert np.abs(index).max() <= 127 + 1e-3
+    # Nothing is cut: each channel still reaches (within a step) both of its clips.
+    assert np.all(np.abs(q.min(axis=0) - lower) <= scale / 2 + 1e-6)
+    assert np.all(np.abs(q.max(axis=0) - upper) <= scale / 2 + 1e-6)
+    assert np.all(np.abs(q - np.clip(x, lower, upper)) <= scale / 2 + 1e-6)
+    # Training sees the same forward values; the clip search uses the same grid.
+    trained = ops.fake_quant(x, lower, upper, 8, -1, symmetric_step=True).numpy()
+    np.testing.assert_allclose(trained, q, atol=1e-6)
+    searched_lower, searched_upper = ops.init_clips_mse(x, 8, -1, symmetric_step=True)
+    assert np.all(searched_lower.numpy() < 0) and np.all(searched_upper.numpy() > 0)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 7])
-def test_int8_window_changes_nothing_below_8_bits(bits):
-    rng = np.random.default_rng(bits)
-    x = rng.normal(size=(500, 4)).astype("float32") * 3
-    lower = np.array([-2.0, 0.0, -0.1, -5.0], "float32")
-    upper = np.array([2.0, 3.0, 4.0, 0.1], "float32")
-    np.testing.assert_array_equal(
-        ops.quantize_forward(x, lower, upper, bits, -1, int8_window=True).numpy(),
-        ops.quantize_forward(x, lower, upper, bits, -1).numpy())
+def _symmetric_surrogate(x, lower, upper, residual):
+    """`q~ = s (x_c / s + c)` with the residual `c = round(v) - v` frozen, s = max|clip| / 127."""
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
+    return scale * (np.clip(x, lower, upper) / scale + residual)
+
+
+def test_symmetric_step_clip_gradients_match_finite_differences():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(256, 3)) * [0.5, 1.0, 2.0]
+    weights = rng.normal(size=x.shape)
+    lower = np.array([-0.9, -0.4, -3.0])            # channel 0, 2: l sets the step; 1: u does
+    upper = np.array([0.7, 1.2, 2.5])
+    lo_v, hi_v = tf.Variable(lower, dtype=tf.float32), tf.Variable(upper, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        q = ops.fake_quant(tf.constant(x, tf.float32), lo_v, hi_v, 8, axis=-1,
+                           symmetric_step=True)
+        loss = tf.reduce_sum(q * weights)
+    analytic = [g.numpy() for g in tape.gradient(loss, [lo_v, hi_v])]
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
+    v = np.clip(x, lower, upper) / scale
+    inside = (x >= lower) & (x <= upper)
+    residual = np.where(inside, np.floor(v + 0.5) - v, 0.0)
+    h = 1e-6
+    for which in range(2):
+        numeric = np.zeros(3)
+        for c in range(3):
+            plus, minus = [lower.copy(), upper.copy()], [lower.copy(), upper.copy()]
+            plus[which][c] += h
+            minus[which][c] -= h
+            numeric[c] = (np.sum(weights * _symmetric_surrogate(x, *plus, residual)) -
+                          np.sum(weights * _symmetric_surrogate(x, *minus, residual))) / (2 * h)
+        np.testing.assert_allclose(analytic[which], numeric, rtol=2e-3, atol=2e-4)
 
 
 def test_per_channel_equals_per_tensor_when_channels_share_a_range():

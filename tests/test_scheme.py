@@ -10,7 +10,7 @@ import tensorflow_model_optimization as tfmot
 
 import tfacd
 from tfacd._keras import keras
-from tfacd.quantizers import channel_ranges
+from tfacd.quantizers import recording_ranges
 from tests.conftest import compile_model, tiny_cnn
 
 
@@ -77,13 +77,15 @@ def test_activations_can_have_their_own_clip_initialization(tiny_model, tiny_dat
     methods = {(q.kind, q.init_method) for _, _, q, _ in tfacd.iter_quantizers(qat)}
     assert methods == {("weight", "mse"), ("activation", "minmax")}
     # Calibration uses it: a min/max activation clip covers the whole calibration range.
+    # The range is recorded in the calibration pass itself: a second pass may differ by a
+    # 2-bit step where float noise upstream flips a rounding (this test was flaky that way).
     x = tiny_data[0][:16]
-    tfacd.calibrate(qat, x)
-    ranges = channel_ranges(qat, x)
-    (variables,) = [v for layer, tensor, _, v in tfacd.iter_quantizers(qat)
-                    if layer.name == "quant_dw_relu" and tensor == "output"]
-    np.testing.assert_allclose(variables["upper"].numpy(), ranges["quant_dw_relu/output"][1],
-                               rtol=1e-5)
+    with recording_ranges() as ranges:
+        tfacd.calibrate(qat, x)
+    ((quantizer, variables),) = [(q, v) for layer, tensor, q, v in tfacd.iter_quantizers(qat)
+                                 if layer.name == "quant_dw_relu" and tensor == "output"]
+    np.testing.assert_allclose(variables["upper"].numpy(), ranges[id(quantizer)][1],
+                               rtol=1e-6)
 
 
 def test_scheme_plugs_into_tfmot_quantize_apply(tiny_model):

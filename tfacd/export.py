@@ -12,9 +12,10 @@ What the bake does, and what is exact
   folded in (`w' = w * gamma / sqrt(var + eps)` per output channel, bias likewise), which scales
   the step per output channel and keeps `m`. The folded kernel is emitted as an 8-bit symmetric
   per-channel fake-quant with range `[-127 s', 127 s']`, so TFLite stores exactly `m` as int8
-  with scale `s'` and zero point 0. At 8 bits the asymmetric grid has 256 levels and TFLite's
-  symmetric int8 255: a weight on `-128` is clamped to `-127` and the report counts it
-  (`clamped_weights`); the file then differs from the Keras model.
+  with scale `s'` and zero point 0. 8-bit weights (256 asymmetric levels would not fit int8's
+  symmetric 255) are trained on the int8 grid itself, `s = max(|l|, |u|) / 127`, `m` in
+  `[-127, 127]` (`symmetric_step` in `tfacd.ops`). The report counts weights that had to be
+  clamped into int8 (`clamped_weights`): 0 by construction, kept as a check.
 * **Bias (almost exact).** TFLite stores the (folded) bias as int32 with the scale
   `s_in * s'_c`. At 2 bits both steps are coarse, and rounding the bias to that grid moved
   trained models' outputs across rounding boundaries. So each channel's integers are spread
@@ -188,8 +189,8 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
             raise ExportError(f"{layer.name}: weights quantized with integer_zero_point=False "
                               "have no integer grid through zero; TFLite needs one")
         lower, upper = effective_clips(quantizer, variables)
-        levels = ops.num_levels(quantizer.num_bits)
-        clip_step = ((upper - lower) / levels).astype(np.float64)
+        clip_step = np.asarray(ops.grid_step(lower, upper, quantizer.num_bits,
+                                             quantizer.symmetric_step), np.float64)
         shape = [1] * kernel.ndim
         if quantizer.per_channel:
             shape[quantizer.axis % kernel.ndim] = -1
@@ -197,7 +198,7 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
         quantized_kernel = ops.quantize_forward(
             tf.constant(kernel, tf.float32), lower, upper, quantizer.num_bits,
             quantizer.axis % kernel.ndim if quantizer.per_channel else None,
-            integer_zero_point=True, int8_window=quantizer.int8_window).numpy()
+            integer_zero_point=True, symmetric_step=quantizer.symmetric_step).numpy()
         integers = np.round(quantized_kernel / clip_step)
         step = np.broadcast_to(clip_step, kernel.shape).astype(np.float64)
         kernel = integers * step

@@ -24,17 +24,18 @@ holds the same values::
 and `(l', u')` replace `(l, u)` in the formula above. The move is at most `s / 2`; gradients
 pass straight through it (`dl'/dl = du'/du = 1`).
 
-Weights quantized for TFLite (`int8_window=True`, what the weight quantizers use) also keep the
-grid index inside int8's symmetric weight range, which TFLite requires (zero point 0, values
-in `[-127, 127]`)::
+8-bit weights (`symmetric_step=True`, what the weight quantizers use at 8 bits) take their
+step from the larger clip instead, so that every level is an int8 integer in `[-127, 127]`,
+as TFLite's int8 weights (symmetric, zero point 0) require::
 
-    q(x) = s * clamp(round((clip(x, l', u') - l') / s) - z, -127, 127)
+    s = max(|l|, |u|) / 127,   q(x) = s * round(clip(x, l, u) / s)
 
-This binds only at 8 bits (at `b <= 7`, `[-z, n - z]` lies inside `[-127, 127]`): an 8-bit
-asymmetric grid has 256 levels and int8's symmetric range 255, so without it a weight on level
+Below 8 bits the nudged asymmetric grid's indices `[-z, n - z]` already lie inside
+`[-127, 127]`; at 8 bits it has 256 levels and int8's symmetric range 255, so a weight on level
 `-128` (or `128`) would be changed by the export, and a 2-bit network downstream is chaotic
-enough to turn that one-step change into different predictions (measured in docs/results.md).
-The backward pass treats a clamped element as inside the range.
+enough to turn that one-step change into different predictions (measured in
+docs/results.md). The clips stay asymmetric and learnable; a one-sided channel uses fewer than
+255 levels (at least 128), an 8-bit grid's worth of precision either way.
 
 Backward pass (LSQ+ style, the default)::
 
@@ -42,7 +43,11 @@ Backward pass (LSQ+ style, the default)::
     dq/du = (k - v) / n       if l <= x <= u;  1 if x > u;  0 if x < l
     dq/dl = -(k - v) / n      if l <= x <= u;  0 if x > u;  1 if x < l
 
-and both clip gradients are multiplied by the LSQ gradient scale `g = 1 / sqrt(N * n)`, where
+With `symmetric_step` the inside-range term goes to the clip that sets the step,
+`(q - x) / max(|l|, |u|)` to `u` when `u >= -l`, its negative to `l` otherwise (LSQ's
+`dq/ds = round(x/s) - x/s`, times `ds/du` or `ds/dl`); the clipped terms are unchanged.
+
+Both clip gradients are multiplied by the LSQ gradient scale `g = 1 / sqrt(N * n)`, where
 `N` is the number of elements that share one clip (per sample, for activations). The
 inside-range term `(k - v) / n` is the rounding error's dependence on the step; without it a
 loss on the quantization error could only ever widen the clips.
@@ -86,9 +91,9 @@ MAX_BITS = 8
 #: channels, constant depthwise filters), so no division by zero in forward or backward.
 MIN_RANGE = 1e-6
 
-#: The largest weight index TFLite's int8 weights hold (symmetric, zero point 0).
-INT8_WEIGHT_LIMIT = 127.0
-_NO_LIMIT = 3.0e38
+#: The largest weight index TFLite's int8 weights hold (symmetric, zero point 0): the
+#: number of steps on each side of zero of a `symmetric_step` grid.
+INT8_WEIGHT_LIMIT = 127
 
 GRADIENTS = ("lsq", "pact")
 
@@ -174,7 +179,8 @@ def _normalize_axis(x, axis):
     return axis % rank
 
 
-def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None):
+def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None,
+                      symmetric_step: bool = False):
     """The forward formula with plain broadcasting ops (clip search, arbitrary layouts).
 
     Rounds half up, `floor(v + 0.5)`, like TensorFlow's FakeQuant kernels.
@@ -182,9 +188,24 @@ def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None):
     shape = _channel_shape(x.shape.rank, axis)
     if shape is not None:
         lower, upper = tf.reshape(lower, shape), tf.reshape(upper, shape)
-    scale = (upper - lower) / float(num_levels(num_bits))
     clipped = tf.minimum(tf.maximum(x, lower), upper)
+    if symmetric_step:
+        scale = symmetric_scale(lower, upper)
+        return scale * tf.floor(clipped / scale + 0.5)
+    scale = (upper - lower) / float(num_levels(num_bits))
     return lower + scale * tf.floor((clipped - lower) / scale + 0.5)
+
+
+def symmetric_scale(lower, upper):
+    """`s = max(|l|, |u|) / 127`, the step of a `symmetric_step` grid (> 0 since u - l > 0)."""
+    return tf.maximum(tf.abs(lower), tf.abs(upper)) / float(INT8_WEIGHT_LIMIT)
+
+
+def grid_step(lower, upper, num_bits: int, symmetric_step: bool = False):
+    """The step `s` of the grid that effective clips `(l, u)` (`effective_clips`) define."""
+    if symmetric_step:
+        return symmetric_scale(lower, upper)
+    return (upper - lower) / float(num_levels(num_bits))
 
 
 # The elementwise work of a quantizer is memory-bound: as separate TF ops, the forward and the
@@ -195,15 +216,18 @@ def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None):
 
 @tf.function(jit_compile=True, autograph=False)
 def _fused_forward(x, lower, upper, levels, clip_axes, stat_axes, with_noise,
-                   integer_zero_point, index_limit):
+                   integer_zero_point, symmetric_step):
     """q, per-clip data min/max and, optionally, per-channel signal and noise powers."""
-    scale = (upper - lower) / levels
     clipped = tf.minimum(tf.maximum(x, lower), upper)
-    # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to exactly
-    # 0.0 (k s + l would leave a rounding residue of ~1e-8).
-    zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
-    index = tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point
-    q = tf.clip_by_value(index, -index_limit, index_limit) * scale
+    if symmetric_step:
+        scale = symmetric_scale(lower, upper)
+        q = tf.floor(clipped * (1.0 / scale) + 0.5) * scale
+    else:
+        scale = (upper - lower) / levels
+        # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to
+        # exactly 0.0 (k s + l would leave a rounding residue of ~1e-8).
+        zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
+        q = (tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point) * scale
     outputs = [q, tf.reduce_min(x, axis=clip_axes), tf.reduce_max(x, axis=clip_axes)]
     if with_noise:
         outputs += [tf.reduce_sum(tf.square(x), axis=stat_axes),
@@ -212,7 +236,7 @@ def _fused_forward(x, lower, upper, levels, clip_axes, stat_axes, with_noise,
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq):
+def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq, symmetric_step):
     """dx, dl, du of the module docstring; `dnoise` feeds the clips only (SQNR loss)."""
     below = x < lower
     above = x > upper
@@ -223,7 +247,14 @@ def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq):
     dclip = dq - 2.0 * dnoise * (x - q)
     dl = tf.where(below, dclip, zeros)
     du = tf.where(above, dclip, zeros)
-    if lsq:
+    if lsq and symmetric_step:
+        # s = max(|l|, |u|) / 127: only the clip that sets the step gets the rounding term.
+        largest = tf.maximum(tf.abs(lower), tf.abs(upper))
+        rounding = tf.where(inside, dclip * (q - x) / largest, zeros)
+        upper_sets_step = tf.cast(upper >= -lower, tf.float32)
+        dl = dl - rounding * (1.0 - upper_sets_step)
+        du = du + rounding * upper_sets_step
+    elif lsq:
         # (k - v) / n = (q - x) / (u - l) inside the range.
         rounding = tf.where(inside, dclip * (q - x) / (upper - lower), zeros)
         dl = dl - rounding
@@ -246,14 +277,15 @@ def _to_rows(x, channel_axis: int):
     return rows, lambda r: tf.transpose(tf.reshape(r, moved_shape), inverse)
 
 
-def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis):
+def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis,
+             symmetric_step=False):
     """Shared set-up of the fused passes: checked args, clips, and `x` as rows."""
     num_bits = check_bits(num_bits)
     x = tf.convert_to_tensor(x, tf.float32)
     axis = _normalize_axis(x, axis)
     if axis is not None:
         channel_axis = axis
-    lower, upper = (nudge_clips if integer_zero_point else _ordered)(lower, upper, num_bits)
+    lower, upper = _effective(lower, upper, num_bits, integer_zero_point, symmetric_step)
     if axis is not None:
         lower, upper = tf.reshape(lower, [1, -1]), tf.reshape(upper, [1, -1])
     rows, restore = _to_rows(x, _normalize_axis(x, channel_axis))
@@ -263,30 +295,33 @@ def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis):
     return x, rows, restore, lower, upper, finish, float(num_levels(num_bits))
 
 
-def _index_limit(int8_window: bool, integer_zero_point: bool):
-    return tf.constant(INT8_WEIGHT_LIMIT if int8_window and integer_zero_point else _NO_LIMIT)
+def effective_clips(lower, upper, num_bits: int, integer_zero_point: bool = True,
+                    symmetric_step: bool = False):
+    """The `(l, u)` the forward pass uses: ordered, and nudged where the grid needs it (a
+    `symmetric_step` grid has zero on it already)."""
+    return _effective(lower, upper, num_bits, integer_zero_point, symmetric_step)
+
+
+def _effective(lower, upper, num_bits, integer_zero_point, symmetric_step):
+    if integer_zero_point and not symmetric_step:
+        return nudge_clips(lower, upper, num_bits)
+    return ordered_clips(lower, upper)
 
 
 def quantize_forward(x, lower, upper, num_bits: int, axis: int | None = None,
-                     integer_zero_point: bool = True, int8_window: bool = False):
+                     integer_zero_point: bool = True, symmetric_step: bool = False):
     """The forward pass only (no custom gradient): inference and measurements."""
     x = tf.convert_to_tensor(x, tf.float32)
     _, rows, restore, lower, upper, _, levels = _prepare(
-        x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1)
+        x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1, symmetric_step)
     return restore(_fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,),
-                                  False, integer_zero_point,
-                                  _index_limit(int8_window, integer_zero_point))[0])
-
-
-def _ordered(lower, upper, num_bits):
-    del num_bits
-    return ordered_clips(lower, upper)
+                                  False, integer_zero_point, symmetric_step)[0])
 
 
 def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = None, *,
                           gradient: str = "lsq", integer_zero_point: bool = True,
                           grad_scale: float = 1.0, sqnr_axis: int | None = None,
-                          int8_window: bool = False):
+                          symmetric_step: bool = False):
     """`q(x)` with the gradients of the module docstring, plus statistics from the same sweep.
 
     Args:
@@ -297,7 +332,7 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
       gradient: `"lsq"` (rounding-error term inside the range, LSQ+) or `"pact"` (clipped
         elements only).
       integer_zero_point: nudge the grid so zero is on it (needed by integer engines).
-      int8_window: also keep the grid index in `[-127, 127]` (TFLite's int8 weights).
+      symmetric_step: the int8 weight grid, `s = max(|l|, |u|) / 127` (module docstring).
       grad_scale: multiplies the clip gradients (LSQ's `1 / sqrt(N * n)`).
       sqnr_axis: when given, also compute the mean per-channel SQNR (dB) along this axis.
         Its gradient reaches only the clips (through the same LSQ+/PACT terms), never `x`:
@@ -315,14 +350,13 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
         raise ValueError(f"per-channel SQNR must use the clip axis {axis}, got {sqnr_axis}")
     x, rows, restore, lower, upper, finish, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point,
-        sqnr_axis if with_noise else x.shape.rank - 1)
+        sqnr_axis if with_noise else x.shape.rank - 1, symmetric_step)
     levels = tf.constant(levels)
-    index_limit = _index_limit(int8_window, integer_zero_point)
 
     @tf.custom_gradient
     def _quantize(rows, lower, upper):
         outputs = _fused_forward(rows, lower, upper, levels, (0,), (0,), with_noise,
-                                 integer_zero_point, index_limit)
+                                 integer_zero_point, symmetric_step)
 
         def grad(dq, *unused_and_dnoise):
             dnoise = unused_and_dnoise[-1] if with_noise else None
@@ -330,7 +364,7 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
             if dq is None:
                 dq = tf.zeros_like(rows)
             drows, dl, du = _fused_backward(rows, outputs[0], dq, dnoise, lower, upper,
-                                            (0,), gradient == "lsq")
+                                            (0,), gradient == "lsq", symmetric_step)
             dl, du = finish(dl, tf.reduce_sum), finish(du, tf.reduce_sum)
             return (drows, tf.reshape(dl * grad_scale, tf.shape(lower)),
                     tf.reshape(du * grad_scale, tf.shape(upper)))
@@ -349,14 +383,14 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
 
 def fake_quant(x, lower, upper, num_bits: int, axis: int | None = None, *,
                gradient: str = "lsq", integer_zero_point: bool = True,
-               grad_scale: float = 1.0, int8_window: bool = False):
+               grad_scale: float = 1.0, symmetric_step: bool = False):
     """Fake-quantizes `x` with learnable clips; see the module docstring for the formulas.
 
     The arguments are those of `fake_quant_with_stats`, which this calls, returning `q(x)`.
     """
     return fake_quant_with_stats(x, lower, upper, num_bits, axis, gradient=gradient,
                                  integer_zero_point=integer_zero_point,
-                                 grad_scale=grad_scale, int8_window=int8_window)[0]
+                                 grad_scale=grad_scale, symmetric_step=symmetric_step)[0]
 
 
 def lsq_grad_scale(num_elements_per_clip: int, num_bits: int) -> float:
@@ -449,7 +483,7 @@ def init_clips_minmax(x, axis: int | None = None):
 
 def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_point=True,
                    num_candidates: int = 20, min_fraction: float = 0.2, passes: int = 2,
-                   max_rows: int = 2048):
+                   max_rows: int = 2048, symmetric_step: bool = False):
     """Per-channel clips that minimize the quantization MSE, by grid search.
 
     Starting from min/max (`init_clips_minmax`), coordinate descent: the upper clip is searched
@@ -468,8 +502,8 @@ def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_po
 
     def errors(lowers, uppers):                                     # [K, C] each -> [K, C]
         lo, hi = lowers[:, None, :], uppers[:, None, :]
-        lo, hi = nudge_clips(lo, hi, num_bits) if integer_zero_point else ordered_clips(lo, hi)
-        q = _plain_fake_quant(rows[None], lo, hi, num_bits, None)
+        lo, hi = _effective(lo, hi, num_bits, integer_zero_point, symmetric_step)
+        q = _plain_fake_quant(rows[None], lo, hi, num_bits, None, symmetric_step)
         return tf.reduce_mean(tf.square(q - rows[None]), axis=1)
 
     def best(candidates, err):                                      # per channel argmin
@@ -494,11 +528,13 @@ def check_init_method(method: str) -> str:
     return method
 
 
-def init_clips(x, num_bits: int, axis: int | None, method: str, integer_zero_point=True):
+def init_clips(x, num_bits: int, axis: int | None, method: str, integer_zero_point=True,
+               symmetric_step: bool = False):
     """Dispatches to `init_clips_minmax` or `init_clips_mse`."""
     if check_init_method(method) == "minmax":
         return init_clips_minmax(x, axis)
-    return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point)
+    return init_clips_mse(x, num_bits, axis, integer_zero_point=integer_zero_point,
+                          symmetric_step=symmetric_step)
 
 
 # --------------------------------------------------------------------------------------------

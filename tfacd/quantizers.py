@@ -138,13 +138,11 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         self._layer_ref = None
 
     @property
-    def int8_window(self) -> bool:
-        """Whether to keep the grid index in TFLite's int8 `[-127, 127]` (`tfacd.ops`). Off:
-        on an asymmetric 8-bit weight grid (256 levels) the window cuts up to half the range
-        (a fresh 8-bit MobileNetV2's logits moved 38%, test_scheme); it needs a symmetric
-        8-bit weight grid first. Until then the export clamps the few -128 weights and
-        counts them (`clamped_weights`)."""
-        return False
+    def symmetric_step(self) -> bool:
+        """8-bit weights use the int8 grid `s = max(|l|, |u|) / 127` (`tfacd.ops`): TFLite's
+        int8 weights are symmetric with 255 levels, and an asymmetric 8-bit grid's 256th level
+        would be changed by the export. Below 8 bits the asymmetric grid fits int8 as it is."""
+        return self.kind == "weight" and self.num_bits == 8 and self.integer_zero_point
 
     @property
     def granularity(self) -> str:
@@ -205,17 +203,17 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             if not _RECORD_SQNR:
                 return ops.quantize_forward(x, lower, upper, self.num_bits, axis,
                                             integer_zero_point=self.integer_zero_point,
-                                            int8_window=self.int8_window)
+                                            symmetric_step=self.symmetric_step)
             q, _, _, sqnr = ops.fake_quant_with_stats(
                 x, lower, upper, self.num_bits, axis, sqnr_axis=self._sqnr_axis(x),
-                integer_zero_point=self.integer_zero_point, int8_window=self.int8_window)
+                integer_zero_point=self.integer_zero_point, symmetric_step=self.symmetric_step)
             weights["sqnr_db"].assign(sqnr)
             return q
 
         with_sqnr = self.sqnr_loss_weight > 0.0 or _RECORD_SQNR
         q, data_min, data_max, sqnr = ops.fake_quant_with_stats(
             x, lower, upper, self.num_bits, axis, gradient=self.gradient,
-            integer_zero_point=self.integer_zero_point, int8_window=self.int8_window,
+            integer_zero_point=self.integer_zero_point, symmetric_step=self.symmetric_step,
             grad_scale=ops.lsq_grad_scale(self._elements_per_clip(x), self.num_bits),
             sqnr_axis=self._sqnr_axis(x) if with_sqnr else None)
         self._track_range(data_min, data_max, weights)
@@ -278,7 +276,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         x = tf.stop_gradient(tf.convert_to_tensor(x, tf.float32))
         axis = self._axis_for(x)
         lower, upper = ops.init_clips(x, self.num_bits, axis, method or self.init_method,
-                                      self.integer_zero_point)
+                                      self.integer_zero_point, self.symmetric_step)
         data_min, data_max = ops.init_clips_minmax(x, axis)
         return tf.group(weights["lower"].assign(lower), weights["upper"].assign(upper),
                         weights["data_min"].assign(data_min),
@@ -367,9 +365,7 @@ def channel_ranges(model, x) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def effective_clips(quantizer: ClipQuantizer, variables) -> tuple[np.ndarray, np.ndarray]:
     """The `(l, u)` the forward pass uses, as numpy arrays."""
-    if quantizer.integer_zero_point:
-        lower, upper = ops.nudge_clips(variables["lower"], variables["upper"],
-                                       quantizer.num_bits)
-    else:
-        lower, upper = ops.ordered_clips(variables["lower"], variables["upper"])
+    lower, upper = ops.effective_clips(variables["lower"], variables["upper"],
+                                       quantizer.num_bits, quantizer.integer_zero_point,
+                                       quantizer.symmetric_step)
     return lower.numpy(), upper.numpy()
