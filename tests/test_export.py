@@ -56,6 +56,13 @@ def test_export_loads_runs_and_keeps_the_grid(tmp_path, bits, granularity):
     # (0.25) clearly. The policy itself is checked value by value in the tests below.
     minimum = 0.95 if granularity == "per_layer" else 0.45
     assert report["fidelity"]["top1_agreement"] >= minimum
+    # The size breakdown accounts for every byte, and the int8 part holds every weight.
+    parts = report["size_breakdown"]
+    assert sum(parts.values()) == report["file_bytes"] == path.stat().st_size
+    assert all(v >= 0 for v in parts.values())
+    weight_bytes = sum(int(np.prod(e["shape"])) for e in report["weights"].values())
+    assert weight_bytes <= parts["int8_tensors"] <= 1.25 * weight_bytes   # + clamp constants
+    assert parts["int32_tensors"] > 0 and parts["quantization_parameters"] > 0
     ops = report["op_histogram"]
     assert ops.get("CONV_2D") == 3 and ops.get("DEPTHWISE_CONV_2D") == 2   # incl. normalization
     assert "FLOOR" not in ops                       # no float rounding with the clamp policy

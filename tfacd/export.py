@@ -657,6 +657,56 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
     return found
 
 
+def size_breakdown(model_path_or_bytes) -> dict:
+    """Where a file's bytes go: `{part: bytes}` with the parts
+
+    * `int8_tensors`, `int32_tensors`, `float32_tensors`, `other_tensors`: constant tensor data
+      (weights are int8, biases int32 in an int8 file);
+    * `quantization_parameters`: every tensor's scales (float32) and zero points (int64, as
+      the flatbuffer stores them): per channel for the weights *and* their biases;
+    * `graph_and_metadata`: the rest (operators, tensor names, shapes, signatures).
+
+    The parts sum to the file's size (the last is the remainder).
+    """
+    content = model_path_or_bytes
+    if not isinstance(content, (bytes, bytearray)):
+        content = pathlib.Path(content).read_bytes()
+    runner = interpreter(bytes(content), delegates=False)
+    runner.allocate_tensors()
+    parts = collections.Counter()
+    for detail in runner.get_tensor_details():
+        params = detail["quantization_parameters"]
+        parts["quantization_parameters"] += 4 * len(params["scales"]) + \
+            8 * len(params["zero_points"])
+        try:
+            data = runner.get_tensor(detail["index"])
+        except ValueError:          # a tensor without data (e.g. an unset intermediate)
+            continue
+        if not _is_constant(runner, detail):
+            continue
+        name = {np.int8: "int8_tensors", np.int32: "int32_tensors",
+                np.float32: "float32_tensors"}.get(np.dtype(data.dtype).type, "other_tensors")
+        parts[name] += int(data.nbytes)
+    result = {key: int(parts.get(key, 0)) for key in (
+        "int8_tensors", "int32_tensors", "float32_tensors", "other_tensors",
+        "quantization_parameters")}
+    result["graph_and_metadata"] = len(content) - sum(result.values())
+    return result
+
+
+def _is_constant(runner, detail) -> bool:
+    """Whether a tensor is a constant of the file (it has a buffer), not an activation."""
+    constants = getattr(runner, "_tfacd_constants", None)
+    if constants is None:
+        ops = runner._get_ops_details()  # pylint: disable=protected-access
+        produced = {int(t) for op in ops for t in op["outputs"]}
+        graph_inputs = {d["index"] for d in runner.get_input_details()}
+        constants = {int(t) for op in ops for t in op["inputs"]
+                     if int(t) >= 0 and int(t) not in produced and int(t) not in graph_inputs}
+        runner._tfacd_constants = constants  # pylint: disable=protected-access
+    return detail["index"] in constants
+
+
 def _layer_for_tensor(tensor_name: str, layer_names) -> str | None:
     # The converter names a weight after the ops that made it, prefixed by our name scopes.
     hits = [name for name in layer_names if f"{name}/" in tensor_name]
@@ -722,6 +772,7 @@ def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
         "file_bytes": len(content),
         "float_file_bytes": len(float_content) if float_content is not None else None,
         "size_vs_float": (len(content) / len(float_content)) if float_content else None,
+        "size_breakdown": size_breakdown(content),
         "op_histogram": op_histogram(content),
         "weights": per_layer,
         "all_weight_zero_points_zero": all(v["zero_points"] == [0] for v in per_layer.values()),
@@ -841,6 +892,9 @@ def format_report(report: dict) -> str:
     if report.get("size_vs_float"):
         lines.append(f"  vs float TFLite ({report['float_file_bytes']:,} bytes): "
                      f"{report['size_vs_float']:.3f}x")
+    if report.get("size_breakdown"):
+        lines.append("  bytes: " + ", ".join(f"{k} {v:,}"
+                                              for k, v in report["size_breakdown"].items()))
     if report.get("weight_memory_vs_float32") is not None:
         lines.append(f"  weight memory at true bit widths: "
                      f"{report['weight_memory_bytes_true_bits']:,.0f} bytes "
