@@ -673,38 +673,27 @@ def size_breakdown(model_path_or_bytes) -> dict:
         content = pathlib.Path(content).read_bytes()
     runner = interpreter(bytes(content), delegates=False)
     runner.allocate_tensors()
+    # Constants are the operator inputs that no operator produces and the graph does not take.
+    ops = runner._get_ops_details()  # pylint: disable=protected-access
+    produced = {int(t) for op in ops for t in op["outputs"]}
+    produced |= {d["index"] for d in runner.get_input_details()}
+    constants = {int(t) for op in ops for t in op["inputs"] if int(t) >= 0} - produced
     parts = collections.Counter()
     for detail in runner.get_tensor_details():
         params = detail["quantization_parameters"]
         parts["quantization_parameters"] += 4 * len(params["scales"]) + \
             8 * len(params["zero_points"])
-        try:
+        if detail["index"] in constants:
             data = runner.get_tensor(detail["index"])
-        except ValueError:          # a tensor without data (e.g. an unset intermediate)
-            continue
-        if not _is_constant(runner, detail):
-            continue
-        name = {np.int8: "int8_tensors", np.int32: "int32_tensors",
-                np.float32: "float32_tensors"}.get(np.dtype(data.dtype).type, "other_tensors")
-        parts[name] += int(data.nbytes)
+            name = {np.int8: "int8_tensors", np.int32: "int32_tensors",
+                    np.float32: "float32_tensors"}.get(np.dtype(data.dtype).type,
+                                                       "other_tensors")
+            parts[name] += int(data.nbytes)
     result = {key: int(parts.get(key, 0)) for key in (
         "int8_tensors", "int32_tensors", "float32_tensors", "other_tensors",
         "quantization_parameters")}
     result["graph_and_metadata"] = len(content) - sum(result.values())
     return result
-
-
-def _is_constant(runner, detail) -> bool:
-    """Whether a tensor is a constant of the file (it has a buffer), not an activation."""
-    constants = getattr(runner, "_tfacd_constants", None)
-    if constants is None:
-        ops = runner._get_ops_details()  # pylint: disable=protected-access
-        produced = {int(t) for op in ops for t in op["outputs"]}
-        graph_inputs = {d["index"] for d in runner.get_input_details()}
-        constants = {int(t) for op in ops for t in op["inputs"]
-                     if int(t) >= 0 and int(t) not in produced and int(t) not in graph_inputs}
-        runner._tfacd_constants = constants  # pylint: disable=protected-access
-    return detail["index"] in constants
 
 
 def _layer_for_tensor(tensor_name: str, layer_names) -> str | None:
