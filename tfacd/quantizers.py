@@ -80,7 +80,9 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
     Forward: `q(x) = l + s * round((clip(x, l, u) - l) / s)`, `s = (u - l) / (2^b - 1)`, with
     the zero-point nudge of `tfacd.ops` when `integer_zero_point`. Backward: straight-through
     for `x` inside `[l, u]`; LSQ+ (default) or PACT gradients for `l` and `u`, scaled by
-    `1 / sqrt(N * (2^b - 1))` (see `tfacd.ops.fake_quant`).
+    `1 / sqrt(N * (2^b - 1))` (see `tfacd.ops.fake_quant`). 8-bit weights use int8's grid
+    instead, `q(x) = s * round(clip(x, l, u) / s)` with `s = max(|l|, |u|) / 127`
+    (`symmetric_step`), so that TFLite's symmetric int8 weights hold them exactly.
 
     State, created in `build` on the layer that owns the quantizer:
 
