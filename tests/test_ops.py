@@ -82,6 +82,20 @@ def test_symmetric_step_puts_8bit_weights_on_int8_levels_without_losing_range():
     assert np.all(searched_lower.numpy() < 0) and np.all(searched_upper.numpy() > 0)
 
 
+def _central_differences(loss, lower, upper, h=1e-6):
+    """`[d loss / d lower, d loss / d upper]` per channel by central differences in numpy."""
+    grads = []
+    for which in range(2):
+        grad = np.zeros(len(lower))
+        for c in range(len(lower)):
+            plus, minus = [lower.copy(), upper.copy()], [lower.copy(), upper.copy()]
+            plus[which][c] += h
+            minus[which][c] -= h
+            grad[c] = (loss(*plus) - loss(*minus)) / (2 * h)
+        grads.append(grad)
+    return grads
+
+
 def _symmetric_surrogate(x, lower, upper, residual):
     """`q~ = s (x_c / s + c)` with the residual `c = round(v) - v` frozen, s = max|clip| / 127."""
     scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
@@ -104,16 +118,10 @@ def test_symmetric_step_clip_gradients_match_finite_differences():
     v = np.clip(x, lower, upper) / scale
     inside = (x >= lower) & (x <= upper)
     residual = np.where(inside, np.floor(v + 0.5) - v, 0.0)
-    h = 1e-6
-    for which in range(2):
-        numeric = np.zeros(3)
-        for c in range(3):
-            plus, minus = [lower.copy(), upper.copy()], [lower.copy(), upper.copy()]
-            plus[which][c] += h
-            minus[which][c] -= h
-            numeric[c] = (np.sum(weights * _symmetric_surrogate(x, *plus, residual)) -
-                          np.sum(weights * _symmetric_surrogate(x, *minus, residual))) / (2 * h)
-        np.testing.assert_allclose(analytic[which], numeric, rtol=2e-3, atol=2e-4)
+    numeric = _central_differences(
+        lambda lo, hi: np.sum(weights * _symmetric_surrogate(x, lo, hi, residual)), lower, upper)
+    for a, n in zip(analytic, numeric):
+        np.testing.assert_allclose(a, n, rtol=2e-3, atol=2e-4)
 
 
 def test_per_channel_equals_per_tensor_when_channels_share_a_range():
@@ -161,16 +169,8 @@ def _analytic_and_numeric(gradient, bits=2, seed=7):
     v = (np.clip(x, lower, upper) - lower) / step
     inside = (x >= lower) & (x <= upper)
     residual = np.where(inside, np.floor(v + 0.5) - v, 0.0) if gradient == "lsq" else 0.0
-    numeric, h = [], 1e-6
-    for which in range(2):
-        grad = np.zeros(4)
-        for c in range(4):
-            plus, minus = [lower.copy(), upper.copy()], [lower.copy(), upper.copy()]
-            plus[which][c] += h
-            minus[which][c] -= h
-            grad[c] = (np.sum(weights * _surrogate(x, *plus, bits, residual)) -
-                       np.sum(weights * _surrogate(x, *minus, bits, residual))) / (2 * h)
-        numeric.append(grad)
+    numeric = _central_differences(
+        lambda lo, hi: np.sum(weights * _surrogate(x, lo, hi, bits, residual)), lower, upper)
     return analytic, numeric
 
 
