@@ -189,10 +189,9 @@ def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None,
     if shape is not None:
         lower, upper = tf.reshape(lower, shape), tf.reshape(upper, shape)
     clipped = tf.minimum(tf.maximum(x, lower), upper)
+    scale = grid_step(lower, upper, num_bits, symmetric_step)
     if symmetric_step:
-        scale = symmetric_scale(lower, upper)
         return scale * tf.floor(clipped / scale + 0.5)
-    scale = (upper - lower) / float(num_levels(num_bits))
     return lower + scale * tf.floor((clipped - lower) / scale + 0.5)
 
 
@@ -285,7 +284,7 @@ def _prepare(x, lower, upper, num_bits, axis, integer_zero_point, channel_axis,
     axis = _normalize_axis(x, axis)
     if axis is not None:
         channel_axis = axis
-    lower, upper = _effective(lower, upper, num_bits, integer_zero_point, symmetric_step)
+    lower, upper = effective_clips(lower, upper, num_bits, integer_zero_point, symmetric_step)
     if axis is not None:
         lower, upper = tf.reshape(lower, [1, -1]), tf.reshape(upper, [1, -1])
     rows, restore = _to_rows(x, _normalize_axis(x, channel_axis))
@@ -299,10 +298,6 @@ def effective_clips(lower, upper, num_bits: int, integer_zero_point: bool = True
                     symmetric_step: bool = False):
     """The `(l, u)` the forward pass uses: ordered, and nudged where the grid needs it (a
     `symmetric_step` grid has zero on it already)."""
-    return _effective(lower, upper, num_bits, integer_zero_point, symmetric_step)
-
-
-def _effective(lower, upper, num_bits, integer_zero_point, symmetric_step):
     if integer_zero_point and not symmetric_step:
         return nudge_clips(lower, upper, num_bits)
     return ordered_clips(lower, upper)
@@ -502,7 +497,7 @@ def init_clips_mse(x, num_bits: int, axis: int | None = None, *, integer_zero_po
 
     def errors(lowers, uppers):                                     # [K, C] each -> [K, C]
         lo, hi = lowers[:, None, :], uppers[:, None, :]
-        lo, hi = _effective(lo, hi, num_bits, integer_zero_point, symmetric_step)
+        lo, hi = effective_clips(lo, hi, num_bits, integer_zero_point, symmetric_step)
         q = _plain_fake_quant(rows[None], lo, hi, num_bits, None, symmetric_step)
         return tf.reduce_mean(tf.square(q - rows[None]), axis=1)
 
