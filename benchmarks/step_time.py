@@ -1,6 +1,7 @@
 """Train-step time of tfacd's QAT variants relative to float, measured side by side in one run.
 
 Usage: python benchmarks/step_time.py [--width 0.5] [--batch_size 128] [--steps 8] [--rounds 2]
+       [--components] [--only NAME,NAME]
 
 Each variant is built, compiled and warmed up (tracing + 2 steps); then the variants are timed
 round-robin (`--rounds` rounds of `--steps` steps of `model.fit` on one cached batch, callbacks
@@ -25,14 +26,19 @@ import tfacd  # noqa: E402
 from tfacd._keras import keras  # noqa: E402
 
 
-def build_variants(width: float):
+def build_variants(width: float, components: bool = False):
     def base():
         return tfacd.mobilenet_v2_cifar(width=width, num_classes=10)
 
     def tfacd_variant(**kwargs):
         return lambda: tfacd.quantize_model(base(), **kwargs)
 
-    return {
+    def constant_decay():
+        # A constant schedule: the decay runs on every timed step (a cosine schedule would
+        # have reached zero strength after the warm-up fit, and skip it).
+        return tfacd.callbacks.ClipDecay(schedule="constant")
+
+    variants = {
         "float": (base, []),
         "tfmot default 8-bit QAT": (lambda: tfmot.quantization.keras.quantize_model(base()), []),
         "tfacd per-layer W2A2": (tfacd_variant(weight_bits=2, activation_bits=2,
@@ -40,8 +46,14 @@ def build_variants(width: float):
         "tfacd per-channel W2A2": (tfacd_variant(weight_bits=2, activation_bits=2), []),
         "tfacd per-channel W2A2 + ACD + SQNR": (
             tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05),
-            [tfacd.callbacks.ClipDecay]),
+            [constant_decay]),
     }
+    if components:       # what each addition costs on its own
+        variants["tfacd per-channel W2A2 + SQNR loss"] = (
+            tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05), [])
+        variants["tfacd per-channel W2A2 + ClipDecay"] = (
+            tfacd_variant(weight_bits=2, activation_bits=2), [constant_decay])
+    return variants
 
 
 def main():
@@ -51,6 +63,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated variant names to run")
+    parser.add_argument("--components", action="store_true",
+                        help="also time per-channel + SQNR loss and + ClipDecay separately")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -59,7 +73,7 @@ def main():
     data = tf.data.Dataset.from_tensors((x, y)).cache().repeat()
 
     runs = {}
-    for name, (make, callback_types) in build_variants(args.width).items():
+    for name, (make, callback_types) in build_variants(args.width, args.components).items():
         if args.only and name not in args.only.split(","):
             continue
         start = time.perf_counter()

@@ -78,6 +78,23 @@ def test_decay_can_target_weights_only(tiny_model, tiny_data):
         assert moved == (info.kind == "weight"), (info.layer, info.tensor)
 
 
+def test_decay_function_is_traced_once_across_fit_calls(tiny_model, tiny_data):
+    # One `fit` per epoch (as train.py's resumable loop does) must not re-trace the decay.
+    x, y = tiny_data
+    qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2)
+    tfacd.calibrate(qat, x)
+    variables = tfacd.list_quantizers(qat)[0].variables
+    variables["upper"].assign(variables["upper"] + 1.0)      # above the data: decays
+    callback = ClipDecay(schedule="constant")
+    _frozen_fit(qat, x, y, callback)
+    first = callback._apply                                  # pylint: disable=protected-access
+    upper = variables["upper"].numpy()
+    qat.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=[callback])
+    assert callback._apply is first                          # pylint: disable=protected-access
+    assert first.experimental_get_tracing_count() == 1
+    assert np.all(variables["upper"].numpy() < upper)        # and it still runs
+
+
 def test_default_clip_decay_runs_and_logs_its_schedule(tiny_model, tiny_data):
     x, y = tiny_data
     qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2)

@@ -53,10 +53,18 @@ def test_bad_yaml_is_named(tmp_path, text, message):
     (dict(activation_init_method="kl"), "activation_init_method"),
     (dict(acd="maybe"), "maybe"), (dict(strategy="tpu"), "tpu"),
     (dict(val_fraction=1.0), "val_fraction"), (dict(architecture="resnet"), "resnet"),
-    (dict(optimizer="rmsprop"), "optimizer must be one of .*rmsprop")])
+    (dict(optimizer="rmsprop"), "optimizer must be one of .*rmsprop"),
+    (dict(weight_storage="int2"), "weight_storage must be one of .*int2")])
 def test_values_out_of_range_are_named(values, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(values).validate()
+
+
+def test_export_choices_mirror_the_exporter():
+    # The config module names the exporter's choices without importing TF-heavy code.
+    from tfacd import export
+    assert config.ACTIVATION_POLICIES == export.ACTIVATION_POLICIES
+    assert config.WEIGHT_STORAGES == export.WEIGHT_STORAGES
 
 
 def test_missing_config_file():

@@ -216,6 +216,57 @@ def test_report_sizes_and_true_bit_memory(tmp_path):
     assert report["weight_memory_bytes_true_bits"] == pytest.approx(expected)
 
 
+def test_int4_packing_keeps_every_integer(tmp_path):
+    """`pack_int4_weights` changes how the filters are stored, not what the file computes:
+    the packed file's outputs equal those of the int8 file holding the same integers, on
+    TFLite's builtin kernels (XNNPACK delegates a different part of each file: 5 delegate
+    nodes for the int4 file, 7 for the int8 one; and its requantization rounds differently
+    from the builtin kernels')."""
+    model = _quantized_tiny(2, "per_channel")
+    baked = export.bake(model, MEAN, STD, weight_storage="int4")
+    unpacked = export._convert(baked)  # pylint: disable=protected-access
+    packed, count = export.pack_int4_weights(unpacked)
+    assert count == 2                                # the 2-bit dw and project layers
+    before = {e["tensor"]: e for e in export.weight_tensors(unpacked)}
+    after = {e["tensor"]: e for e in export.weight_tensors(packed)}
+    assert sorted(e["storage"] for e in after.values()) == ["int4", "int4", "int8", "int8",
+                                                             "int8"]
+    for name, entry in after.items():                # same statistics, read back unpacked
+        assert {k: v for k, v in entry.items() if k != "storage"} == \
+            {k: v for k, v in before[name].items() if k != "storage"}
+    pixels = _pixels(100)
+    np.testing.assert_array_equal(export.run_tflite(packed, pixels, delegates=False),
+                                  export.run_tflite(unpacked, pixels, delegates=False))
+    parts_before, parts_after = export.size_breakdown(unpacked), export.size_breakdown(packed)
+    assert parts_after["int4_tensors"] > 0
+    assert parts_before["int8_tensors"] - parts_after["int8_tensors"] == \
+        pytest.approx(2 * parts_after["int4_tensors"], abs=2)       # odd sizes pad a nibble
+    assert len(packed) < len(unpacked)
+
+
+def test_int4_storage_export(tmp_path):
+    model = _quantized_tiny(2, "per_channel")
+    pixels = _pixels()
+    paths = {storage: export.export_tflite(
+        model, tmp_path / f"{storage}.tflite", input_mean=MEAN, input_std=STD,
+        data=pixels if storage == "int4" else None, float_reference=False, verbose=False,
+        weight_storage=storage) for storage in ("int8", "int4")}
+    reports = {storage: json.loads(path.with_name(f"{storage}_report.json").read_text())
+               for storage, path in paths.items()}
+    int4 = reports["int4"]
+    assert {name: w["storage"] for name, w in int4["weights"].items()} == {
+        "input_normalization": "int8", "quant_conv": "int8", "quant_dw": "int4",
+        "quant_project": "int4", "quant_logits": "int8"}
+    assert int4["all_weight_zero_points_zero"] and int4["all_distinct_within_2^bits"]
+    assert int4["file_bytes"] < reports["int8"]["file_bytes"]
+    assert int4["options"]["weight_storage"] == "int4"
+    assert np.all(np.isfinite(export.run_tflite(paths["int4"], pixels)))
+    # Coarser bias grid than int8 storage's (K = 2 instead of 42), still far above chance.
+    assert int4["fidelity"]["top1_agreement"] >= 0.45
+    with pytest.raises(export.ExportError, match="weight_storage"):
+        export.export_tflite(model, tmp_path / "x.tflite", weight_storage="int2")
+
+
 def test_unquantized_model_is_refused(tmp_path):
     with pytest.raises(export.ExportError, match="never quantized"):
         export.export_tflite(tiny_cnn(), tmp_path / "x.tflite")

@@ -104,6 +104,7 @@ class ClipDecay(keras.callbacks.Callback):
         self.current = (0.0, 0.0)
         self._targets = []
         self._apply = None
+        self._apply_key = None
         self._total_steps = None
 
     def get_config(self):
@@ -129,7 +130,15 @@ class ClipDecay(keras.callbacks.Callback):
             self._targets = [v for _, _, q, v in iter_quantizers(self.model) if q.acd_pull]
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         self._total_steps = epochs * steps if epochs and steps else None
-        self._apply = tf.function(self._decay_all) if self.mode == "decay" else None
+        if self.mode == "decay":
+            # One traced function per model and targets, kept across `fit` calls: tracing it
+            # (two variable updates per quantizer) costs about a second, which re-tracing at
+            # every `fit` (e.g. one `fit` per epoch) would add each time.
+            key = (id(self.model), tuple(id(v["lower"]) for v in self._targets))
+            if self._apply is None or self._apply_key != key:
+                self._apply, self._apply_key = tf.function(self._decay_all), key
+        else:
+            self._apply = None
         self._set_strengths(self._progress())
 
     def on_train_batch_end(self, batch, logs=None):

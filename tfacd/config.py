@@ -19,6 +19,7 @@ ACD_CHOICES = ("off", "decay", "pull")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
 ACTIVATION_POLICIES = ("clamp", "round")      # tfacd.export.ACTIVATION_POLICIES
+WEIGHT_STORAGES = ("int8", "int4")             # tfacd.export.WEIGHT_STORAGES
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -69,6 +70,7 @@ class ExperimentConfig:
     export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
     activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
+    weight_storage: str = "int8"         # TFLite weights: int8, or int4 for 2-3 bit layers
 
     def validate(self) -> "ExperimentConfig":
         def need(condition, message):
@@ -120,6 +122,8 @@ class ExperimentConfig:
         need(self.activation_policy in ACTIVATION_POLICIES,
              f"activation_policy must be one of {ACTIVATION_POLICIES}, "
              f"got {self.activation_policy!r}")
+        need(self.weight_storage in WEIGHT_STORAGES,
+             f"weight_storage must be one of {WEIGHT_STORAGES}, got {self.weight_storage!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -22,6 +22,14 @@ What the bake does, and what is exact
   over int8, `m s' = (K m) (s' / K)` with `K = floor(127 / max |m|)` (42 at 2 bits): the
   same values and the same number of distinct values, with a bias grid `K` times finer. The
   bias's rounding error left is at most `s_in s' / (2K)`.
+* **Weight storage.** int8 by default. `weight_storage="int4"` bakes every layer whose
+  integers fit int4's `[-8, 7]` (2- and 3-bit weights; a 4-bit channel only if its grid is
+  `[-8, 7]` exactly) with the spread `K = floor(7 / max |m|)` (2 at 2 bits), and
+  `pack_int4_weights` then stores those filters as packed int4: TFLite's CONV_2D,
+  DEPTHWISE_CONV_2D and FULLY_CONNECTED kernels take int4 filters with int8 activations
+  (the converter itself writes int8 whatever the fake-quant's bits). Same weight values,
+  half their bytes; the bias grid is `K` times finer instead of 42 times, so the bias
+  rounding above is larger (measured in docs/results.md).
 * **Per-tensor activations (exact).** A k-bit activation with clips `[l', u']` and step `s` is
   emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
   the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
@@ -67,7 +75,10 @@ from tfacd.scheme import _BATCH_NORMS, _consumers, _is_linear  # the layout's ow
 
 ACTIVATION_POLICIES = ("clamp", "round")
 IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
+WEIGHT_STORAGES = ("int8", "int4")
 _INT8_MAX = 127
+_INT4_MIN, _INT4_MAX = -8, 7
+_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 class ExportError(ValueError):
@@ -152,6 +163,7 @@ class BakedWeights:
     bits: int | None
     clamped: int = 0             # values outside int8's [-127, 127] that had to be clamped
     spread: np.ndarray | None = None  # K per output channel: integers = K * (k-bit index)
+    storage: str | None = None   # "int8" or "int4": how the file stores the integers
 
 
 def _bn_multiplier_and_shift(bn_layer, channels: int):
@@ -166,9 +178,11 @@ def _bn_multiplier_and_shift(bn_layer, channels: int):
     return multiplier.astype(np.float64), shift.astype(np.float64)
 
 
-def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
+def _bake_weights(layer, bn_layer, quantized: bool,
+                  weight_storage: str = "int8") -> BakedWeights:
     """Kernel and bias of weight layer `layer` (Conv2D, DepthwiseConv2D or Dense), quantized
-    (unless `quantized=False`) and with `bn_layer` folded in."""
+    (unless `quantized=False`) and with `bn_layer` folded in. With `weight_storage="int4"`,
+    a layer whose integers all fit int4's `[-8, 7]` is stored as int4 (`pack_int4_weights`)."""
     inner = _inner(layer)
     kind = type(inner).__name__
     attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
@@ -218,7 +232,7 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
             integers = integers * np.sign(multiplier)
             step = step * np.abs(multiplier)
     bits = quantizer.num_bits if quantizer is not None and quantized else None
-    clamped, spread = 0, None
+    clamped, spread, storage = 0, None, None
     if integers is not None:
         # One step per output channel (it is constant along the other axes by construction).
         step = step.reshape(-1, out_channels).max(axis=0)
@@ -230,8 +244,13 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
         # At 2 bits the bias's own rounding (up to s_in * s / 2) is otherwise a sixth of an
         # output step and moved 9% of a trained model's first depthwise outputs to the next
         # level (measured, docs/results.md).
+        # With int4 storage the spread is limited to int4's [-8, 7]: K = 2 at 2 bits instead
+        # of 42, a 21x coarser bias grid; the price of half the weight bytes.
+        storage = "int4" if weight_storage == "int4" and \
+            _INT4_MIN <= integers.min() and integers.max() <= _INT4_MAX else "int8"
+        limit = _INT4_MAX if storage == "int4" else _INT8_MAX
         largest = np.abs(integers.reshape(-1, out_channels)).max(axis=0)
-        spread = np.maximum(_INT8_MAX // np.maximum(largest, 1), 1)
+        spread = np.maximum(limit // np.maximum(largest, 1), 1)
         integers = integers * spread
         step = step / spread
         kernel = integers * step
@@ -239,7 +258,8 @@ def _bake_weights(layer, bn_layer, quantized: bool) -> BakedWeights:
                         integers=None if integers is None else integers.astype(np.int32),
                         step=None if step is None else step.astype(np.float32), bits=bits,
                         clamped=clamped,
-                        spread=None if spread is None else spread.astype(np.int32))
+                        spread=None if spread is None else spread.astype(np.int32),
+                        storage=storage)
 
 
 def _weight_tensor(baked: BakedWeights):
@@ -431,7 +451,7 @@ def _normalization(x, mean, std, quantized: bool, input_quantized: bool):
 
 def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp",
          quantized: bool = True, batch_size: int | None = None,
-         taps: bool = False) -> Bake:
+         taps: bool = False, weight_storage: str = "int8") -> Bake:
     """Rewrites `model` (a tfacd QAT model) into an inference function TFLite can convert.
 
     Args:
@@ -446,7 +466,12 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
       taps: the function returns `{layer name: output}` for every layer instead of the
         model's output (for finding where the baked graph departs from Keras; not
         convertible).
+      weight_storage: "int8", or "int4" to bake layers whose integers fit int4 for
+        `pack_int4_weights` (module docstring).
     """
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ExportError(f"weight_storage must be one of {WEIGHT_STORAGES}, got "
+                          f"{weight_storage!r}")
     if activation_policy not in ACTIVATION_POLICIES:
         raise ExportError(f"activation_policy must be one of {ACTIVATION_POLICIES}, got "
                           f"{activation_policy!r}")
@@ -467,7 +492,7 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
     for layer in model.layers:
         if type(_inner(layer)).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
             bn = next((model.get_layer(b) for b, w in folded.items() if w == layer.name), None)
-            weights[layer.name] = _bake_weights(layer, bn, quantized)
+            weights[layer.name] = _bake_weights(layer, bn, quantized, weight_storage)
         elif not isinstance(layer, (quantize_wrapper.QuantizeWrapper,
                                     quantize_layer.QuantizeLayer, keras.layers.InputLayer)):
             float_layers.append(layer.name)
@@ -579,10 +604,11 @@ def interpreter(model_path_or_bytes, num_threads: int | None = None,
 
 
 def run_tflite(model_path_or_bytes, pixels, batch_size: int = 64,
-               num_threads: int | None = None) -> np.ndarray:
-    """Float logits of a tfacd-exported file on raw pixels `[N, H, W, C]` (0-255)."""
+               num_threads: int | None = None, delegates: bool = True) -> np.ndarray:
+    """Float logits of a tfacd-exported file on raw pixels `[N, H, W, C]` (0-255);
+    `delegates=False` runs TFLite's builtin kernels only (no XNNPACK)."""
     pixels = np.asarray(pixels)
-    runner = interpreter(model_path_or_bytes, num_threads)
+    runner = interpreter(model_path_or_bytes, num_threads, delegates)
     detail = runner.get_input_details()[0]
     signature = detail["shape_signature"]
     fixed_batch = int(signature[0]) if signature[0] > 0 else None
@@ -632,27 +658,98 @@ def op_histogram(model_path_or_bytes) -> dict:
     return dict(collections.Counter(op["op_name"] for op in details))
 
 
+def _flatbuffer(content: bytes):
+    """The file as TFLite's flatbuffer object model (`schema_py_generated.ModelT`)."""
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils
+    return flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+
+
+def _serialize(model) -> bytes:
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _tensor_types():
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.python import schema_py_generated as schema
+    return schema.TensorType
+
+
+def _weight_ops(model):
+    """`(op name, filter tensor)` of every Conv2D, DepthwiseConv2D, FullyConnected op."""
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+            if name in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
+                yield name, subgraph.tensors[op.inputs[1]]
+
+
+def _pack_int4(values: np.ndarray) -> np.ndarray:
+    """int4 values, two per byte, the first in the low nibble (TFLite's packing)."""
+    flat = np.asarray(values, np.int8).reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = flat.astype(np.uint8) & 0x0F
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_int4(packed, count: int) -> np.ndarray:
+    raw = np.frombuffer(bytes(packed), np.uint8)
+    nibbles = np.stack([raw & 0x0F, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nibbles > _INT4_MAX, nibbles - 16, nibbles).astype(np.int8)
+
+
+def pack_int4_weights(model_path_or_bytes) -> tuple[bytes, int]:
+    """Stores every int8 Conv2D/DepthwiseConv2D/FullyConnected filter whose values all lie in
+    int4's `[-8, 7]` as a packed int4 tensor (half the bytes, same values, same scales).
+
+    The converter (TF 2.21) writes int8 filters whatever the fake-quant's bits; TFLite's
+    kernels for these three ops take int4 filters with int8 activations. Returns the new
+    flatbuffer and the number of tensors packed.
+    """
+    model = _flatbuffer(_content(model_path_or_bytes))
+    types = _tensor_types()
+    users = collections.Counter(t.buffer for sg in model.subgraphs for t in sg.tensors)
+    packed = 0
+    for _, tensor in _weight_ops(model):
+        buffer = model.buffers[tensor.buffer]
+        if tensor.type != types.INT8 or buffer.data is None or users[tensor.buffer] != 1:
+            continue
+        values = np.frombuffer(bytes(buffer.data), np.int8)
+        if values.size and _INT4_MIN <= values.min() and values.max() <= _INT4_MAX:
+            buffer.data = _pack_int4(values)
+            tensor.type = types.INT4
+            packed += 1
+    return _serialize(model), packed
+
+
 def weight_tensors(model_path_or_bytes) -> list[dict]:
-    """Every constant int8 weight tensor of a file with its per-channel statistics."""
-    runner = interpreter(model_path_or_bytes, delegates=False)
-    runner.allocate_tensors()
-    details = {d["index"]: d for d in runner.get_tensor_details()}
+    """Every constant int8 or int4 weight tensor of a file with its per-channel statistics."""
+    model = _flatbuffer(_content(model_path_or_bytes))
+    types = _tensor_types()
     found = []
-    for op in runner._get_ops_details():  # pylint: disable=protected-access
-        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+    for op_name, tensor in _weight_ops(model):
+        data = model.buffers[tensor.buffer].data
+        if tensor.type not in (types.INT8, types.INT4) or data is None:
             continue
-        detail = details[int(op["inputs"][1])]
-        if detail["dtype"] != np.int8:
-            continue
-        values = runner.get_tensor(detail["index"]).astype(np.int32)
-        params = detail["quantization_parameters"]
-        axis = int(params["quantized_dimension"])
+        shape = [int(d) for d in tensor.shape]
+        count = int(np.prod(shape))
+        values = (np.frombuffer(bytes(data), np.int8) if tensor.type == types.INT8
+                  else _unpack_int4(data, count)).astype(np.int32).reshape(shape)
+        params = tensor.quantization
+        axis = int(params.quantizedDimension)
         per_channel = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
         found.append({
-            "op": op["op_name"], "tensor": detail["name"], "shape": list(values.shape),
-            "zero_points": sorted({int(z) for z in params["zero_points"]}),
+            "op": op_name, "tensor": name, "shape": shape,
+            "storage": "int8" if tensor.type == types.INT8 else "int4",
+            "zero_points": sorted({int(z) for z in params.zeroPoint}),
             "max_distinct_per_channel": int(max(len(np.unique(row)) for row in per_channel)),
-            "scales": [float(v) for v in params["scales"]],
+            "scales": [float(v) for v in params.scale],
         })
     return found
 
@@ -660,37 +757,34 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
 def size_breakdown(model_path_or_bytes) -> dict:
     """Where a file's bytes go: `{part: bytes}` with the parts
 
-    * `int8_tensors`, `int32_tensors`, `float32_tensors`, `other_tensors`: constant tensor data
-      (weights are int8, biases int32 in an int8 file);
+    * `int8_tensors`, `int4_tensors`, `int32_tensors`, `float32_tensors`, `other_tensors`:
+      constant tensor data (weights are int8 or packed int4, biases int32 in an int8 file);
     * `quantization_parameters`: every tensor's scales (float32) and zero points (int64, as
       the flatbuffer stores them): per channel for the weights *and* their biases;
     * `graph_and_metadata`: the rest (operators, tensor names, shapes, signatures).
 
     The parts sum to the file's size (the last is the remainder).
     """
-    content = model_path_or_bytes
-    if not isinstance(content, (bytes, bytearray)):
-        content = pathlib.Path(content).read_bytes()
-    runner = interpreter(bytes(content), delegates=False)
-    runner.allocate_tensors()
-    # Constants are the operator inputs that no operator produces and the graph does not take.
-    ops = runner._get_ops_details()  # pylint: disable=protected-access
-    produced = {int(t) for op in ops for t in op["outputs"]}
-    produced |= {d["index"] for d in runner.get_input_details()}
-    constants = {int(t) for op in ops for t in op["inputs"] if int(t) >= 0} - produced
+    content = _content(model_path_or_bytes)
+    model = _flatbuffer(content)
+    types = _tensor_types()
+    names = {types.INT8: "int8_tensors", types.INT4: "int4_tensors",
+             types.INT32: "int32_tensors", types.FLOAT32: "float32_tensors"}
     parts = collections.Counter()
-    for detail in runner.get_tensor_details():
-        params = detail["quantization_parameters"]
-        parts["quantization_parameters"] += 4 * len(params["scales"]) + \
-            8 * len(params["zero_points"])
-        if detail["index"] in constants:
-            data = runner.get_tensor(detail["index"])
-            name = {np.int8: "int8_tensors", np.int32: "int32_tensors",
-                    np.float32: "float32_tensors"}.get(np.dtype(data.dtype).type,
-                                                       "other_tensors")
-            parts[name] += int(data.nbytes)
+    counted = set()
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            params = tensor.quantization
+            if params is not None:
+                parts["quantization_parameters"] += \
+                    4 * len(params.scale if params.scale is not None else []) + \
+                    8 * len(params.zeroPoint if params.zeroPoint is not None else [])
+            data = model.buffers[tensor.buffer].data if tensor.buffer else None
+            if data is not None and len(data) and tensor.buffer not in counted:
+                counted.add(tensor.buffer)
+                parts[names.get(tensor.type, "other_tensors")] += len(data)
     result = {key: int(parts.get(key, 0)) for key in (
-        "int8_tensors", "int32_tensors", "float32_tensors", "other_tensors",
+        "int8_tensors", "int4_tensors", "int32_tensors", "float32_tensors", "other_tensors",
         "quantization_parameters")}
     result["graph_and_metadata"] = len(content) - sum(result.values())
     return result
@@ -749,7 +843,8 @@ def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
         else:
             bits, clamped = weights.bits, weights.clamped
         per_layer[layer] = {
-            "op": entry["op"], "weight_bits": bits, "shape": entry["shape"],
+            "op": entry["op"], "weight_bits": bits, "storage": entry["storage"],
+            "shape": entry["shape"],
             "max_distinct_values_per_channel": entry["max_distinct_per_channel"],
             "distinct_within_2^bits": bool(entry["max_distinct_per_channel"] <= 2 ** bits),
             "zero_points": entry["zero_points"],
@@ -788,7 +883,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                   input_type: str = "float32", output_type: str = "float32",
                   activation_policy: str = "clamp", data=None, labels=None,
                   batch_size: int | None = None, float_reference: bool = True,
-                  report_path=None, verbose: bool = True) -> pathlib.Path:
+                  report_path=None, verbose: bool = True,
+                  weight_storage: str = "int8") -> pathlib.Path:
     """Exports a tfacd QAT model to a TFLite file that takes raw RGB pixels.
 
     Args:
@@ -804,6 +900,9 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
       data, labels: raw pixels `[N, H, W, C]` (and labels) for the report's fidelity section.
       batch_size: the file's fixed batch size (None: any; resized at run time).
       float_reference: also convert the float model of the same weights, for the size ratio.
+      weight_storage: "int8" (default), or "int4": layers whose weights have at most 16
+        levels that fit `[-8, 7]` (2- and 3-bit layers) are stored as packed int4, half the
+        bytes, with a coarser bias grid (module docstring); the report says which.
 
     Returns:
       The path written. Raises `ExportError` naming the problem for a model that was never
@@ -811,11 +910,14 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
     """
     path = _writable(output_path)
     options = {"input_type": input_type, "output_type": output_type,
-               "activation_policy": activation_policy,
+               "activation_policy": activation_policy, "weight_storage": weight_storage,
                "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
                "input_std": None if input_std is None else np.asarray(input_std).tolist()}
-    baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size)
+    baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
+                 weight_storage=weight_storage)
     content = _convert(baked, input_type, output_type)
+    if weight_storage == "int4":
+        content, _ = pack_int4_weights(content)
     float_content = None
     if float_reference:
         float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,

@@ -213,30 +213,46 @@ def grid_step(lower, upper, num_bits: int, symmetric_step: bool = False):
 # into about one sweep. Only these two small functions are compiled; convolutions stay on
 # TensorFlow's own kernels (XLA's CPU convolutions are far slower).
 
+def _on_grid(x, lower, upper, levels, integer_zero_point, symmetric_step):
+    """`q(x)` of the module docstring (inside the fused passes; `levels` is `n`)."""
+    clipped = tf.minimum(tf.maximum(x, lower), upper)
+    if symmetric_step:
+        scale = symmetric_scale(lower, upper)
+        return tf.floor(clipped * (1.0 / scale) + 0.5) * scale
+    scale = (upper - lower) / levels
+    # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to
+    # exactly 0.0 (k s + l would leave a rounding residue of ~1e-8).
+    zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
+    return (tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point) * scale
+
+
+def _sum_pair(a, b, axis):
+    """`(sum(a), sum(b))` over `axis` in one reduction: XLA's CPU reductions cost more than
+    the elementwise work around them (each about a ReLU's sweep over the tensor), and a
+    complex64 sum carries both float32 sums, exactly as two reductions would, in one sweep."""
+    total = tf.reduce_sum(tf.complex(a, b), axis=axis)
+    return tf.math.real(total), tf.math.imag(total)
+
+
 @tf.function(jit_compile=True, autograph=False)
 def _fused_forward(x, lower, upper, levels, clip_axes, stat_axes, with_noise,
                    integer_zero_point, symmetric_step):
     """q, per-clip data min/max and, optionally, per-channel signal and noise powers."""
-    clipped = tf.minimum(tf.maximum(x, lower), upper)
-    if symmetric_step:
-        scale = symmetric_scale(lower, upper)
-        q = tf.floor(clipped * (1.0 / scale) + 0.5) * scale
-    else:
-        scale = (upper - lower) / levels
-        # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to
-        # exactly 0.0 (k s + l would leave a rounding residue of ~1e-8).
-        zero_point = tf.round(-lower / scale) if integer_zero_point else -lower / scale
-        q = (tf.floor((clipped - lower) * (1.0 / scale) + 0.5) - zero_point) * scale
+    q = _on_grid(x, lower, upper, levels, integer_zero_point, symmetric_step)
     outputs = [q, tf.reduce_min(x, axis=clip_axes), tf.reduce_max(x, axis=clip_axes)]
     if with_noise:
-        outputs += [tf.reduce_sum(tf.square(x), axis=stat_axes),
-                    tf.reduce_sum(tf.square(x - q), axis=stat_axes)]
+        outputs += list(_sum_pair(tf.square(x), tf.square(x - q), stat_axes))
     return outputs
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq, symmetric_step):
-    """dx, dl, du of the module docstring; `dnoise` feeds the clips only (SQNR loss)."""
+def _fused_backward(x, dq, dnoise, lower, upper, levels, clip_axes, lsq,
+                    integer_zero_point, symmetric_step):
+    """dx, dl, du of the module docstring; `dnoise` feeds the clips only (SQNR loss).
+
+    `q` is recomputed rather than kept from the forward pass: reading it back costs more
+    than the arithmetic."""
+    q = _on_grid(x, lower, upper, levels, integer_zero_point, symmetric_step)
     below = x < lower
     above = x > upper
     inside = tf.logical_not(tf.logical_or(below, above))
@@ -258,7 +274,7 @@ def _fused_backward(x, q, dq, dnoise, lower, upper, clip_axes, lsq, symmetric_st
         rounding = tf.where(inside, dclip * (q - x) / (upper - lower), zeros)
         dl = dl - rounding
         du = du + rounding
-    return dx, tf.reduce_sum(dl, axis=clip_axes), tf.reduce_sum(du, axis=clip_axes)
+    return (dx,) + _sum_pair(dl, du, clip_axes)
 
 
 def _to_rows(x, channel_axis: int):
@@ -358,8 +374,9 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
             dnoise = tf.zeros([], tf.float32) if dnoise is None else tf.reshape(dnoise, [1, -1])
             if dq is None:
                 dq = tf.zeros_like(rows)
-            drows, dl, du = _fused_backward(rows, outputs[0], dq, dnoise, lower, upper,
-                                            (0,), gradient == "lsq", symmetric_step)
+            drows, dl, du = _fused_backward(rows, dq, dnoise, lower, upper, levels, (0,),
+                                            gradient == "lsq", integer_zero_point,
+                                            symmetric_step)
             dl, du = finish(dl, tf.reduce_sum), finish(du, tf.reduce_sum)
             return (drows, tf.reshape(dl * grad_scale, tf.shape(lower)),
                     tf.reshape(du * grad_scale, tf.shape(upper)))

@@ -339,7 +339,8 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
         export.export_tflite(model, path, input_mean=splits.mean, input_std=splits.std,
                              input_type=config.export_input_type,
                              activation_policy=config.activation_policy, data=pixels,
-                             labels=labels, report_path=report_path)
+                             labels=labels, report_path=report_path,
+                             weight_storage=config.weight_storage)
         report = json.loads(report_path.read_text())
     else:
         tfmot = config.mode == "qat" and config.tfmot_default
@@ -375,7 +376,8 @@ def export_run(config: ExperimentConfig) -> dict:
     model_dir = pathlib.Path(config.model_dir)
     model, splits, saved = _rebuild(model_dir, "--mode=export")
     saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
-                                activation_policy=config.activation_policy)
+                                activation_policy=config.activation_policy,
+                                weight_storage=config.weight_storage)
     summary = _export(model, saved, splits, model_dir)
     results_path = model_dir / RESULTS
     results = json.loads(results_path.read_text())
