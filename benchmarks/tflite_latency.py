@@ -7,7 +7,8 @@ Usage:
 Both files are run by the same LiteRT interpreter build with the same settings (`--threads`,
 XNNPACK on, as users get it by default), on the same random pixels, alternating rounds so that
 machine noise hits both alike. Without `--model_dir` the script quantizes an untrained
-MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`, calibrated on random pixels):
+MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`, `--weight_storage`,
+calibrated on random pixels):
 latency does not depend on the weights' values.
 """
 
@@ -63,7 +64,8 @@ def build_files(args, folder: pathlib.Path):
                                granularity=args.granularity)
     tfacd.calibrate(qat, (pixels - mean) / std)
     int8 = export.export_tflite(qat, folder / "int8.tflite", input_mean=mean, input_std=std,
-                                input_type="uint8", float_reference=False, verbose=False)
+                                input_type="uint8", float_reference=False, verbose=False,
+                                weight_storage=args.weight_storage)
     float_file = export.export_float_tflite(model, folder / "float.tflite", input_mean=mean,
                                             input_std=std)
     return int8, float_file, shape
@@ -76,6 +78,8 @@ def main():
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--granularity", default="per_channel",
                         choices=("per_channel", "per_layer"))
+    parser.add_argument("--weight_storage", default="int8", choices=("int8", "int4"),
+                        help="weight storage of the fresh model's file (without --model_dir)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
@@ -92,8 +96,9 @@ def main():
     print(f"interpreter: ai_edge_litert, XNNPACK default delegate, {args.threads} thread(s), "
           f"batch 1, best of {args.rounds} rounds x {args.repeats} invokes")
     print(f"float TFLite: {best_float * 1e3:8.3f} ms/image   {float_size:,} bytes")
-    print(f"int8 TFLite:  {best_int8 * 1e3:8.3f} ms/image   {int8_size:,} bytes")
-    print(f"int8 / float latency: {best_int8 / best_float:.3f}x   "
+    label = "int4" if args.weight_storage == "int4" and not args.model_dir else "int8"
+    print(f"{label} TFLite:  {best_int8 * 1e3:8.3f} ms/image   {int8_size:,} bytes")
+    print(f"{label} / float latency: {best_int8 / best_float:.3f}x   "
           f"size: {int8_size / float_size:.3f}x")
 
 
