@@ -79,7 +79,7 @@ def test_decay_can_target_weights_only(tiny_model, tiny_data):
 
 
 def test_decay_function_is_traced_once_across_fit_calls(tiny_model, tiny_data):
-    # One `fit` per epoch (as train.py's resumable loop does) must not re-trace the decay.
+    # A loop that calls `fit` repeatedly (one call per epoch, say) must not re-trace it.
     x, y = tiny_data
     qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2)
     tfacd.calibrate(qat, x)

@@ -132,8 +132,8 @@ class ClipDecay(keras.callbacks.Callback):
         self._total_steps = epochs * steps if epochs and steps else None
         if self.mode == "decay":
             # One traced function per model and targets, kept across `fit` calls: tracing it
-            # (two variable updates per quantizer) costs about a second, which re-tracing at
-            # every `fit` (e.g. one `fit` per epoch) would add each time.
+            # (two variable updates per quantizer) costs about a second, which a loop that
+            # calls `fit` repeatedly would otherwise pay at every call.
             key = (id(self.model), tuple(id(v["lower"]) for v in self._targets))
             if self._apply is None or self._apply_key != key:
                 self._apply, self._apply_key = tf.function(self._decay_all), key
