@@ -23,7 +23,7 @@ train: setup
 	$(PY) train_main.py --config=configs/quickstart.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/step_time.py

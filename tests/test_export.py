@@ -21,9 +21,25 @@ def _pixels(count=200, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(count, 8, 8, 3)).astype("float32")
 
 
-def _quantized_tiny(bits, granularity, first_last_bits=8):
+def _trained_like(model, seed=0):
+    """Gives every BatchNormalization of `model` the kind of statistics and offsets training
+    leaves (the untrained ones fold to zero biases, which sit on any grid)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, keras.layers.BatchNormalization):
+            channels = inner.beta.shape[0]
+            inner.beta.assign(rng.normal(0.3, 0.5, channels).astype("float32"))
+            inner.gamma.assign(rng.uniform(0.5, 1.5, channels).astype("float32"))
+            inner.moving_mean.assign(rng.normal(0, 0.3, channels).astype("float32"))
+            inner.moving_variance.assign(rng.uniform(0.5, 2.0, channels).astype("float32"))
+    return model
+
+
+def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False):
     tf.random.set_seed(0)
-    model = tfacd.quantize_model(tiny_cnn(), weight_bits=bits, activation_bits=bits,
+    float_model = _trained_like(tiny_cnn()) if trained_like else tiny_cnn()
+    model = tfacd.quantize_model(float_model, weight_bits=bits, activation_bits=bits,
                                  granularity=granularity, first_last_bits=first_last_bits)
     tfacd.calibrate(model, ((_pixels(64, seed=1) - MEAN) / STD).astype("float32"))
     return model
@@ -82,6 +98,77 @@ def test_per_layer_export_is_exact(tmp_path, first_last_bits):
     assert fidelity["top1_agreement"] == 1.0
     # What is left is the output's 8-bit rounding: a step of the logits quantizer, rarely.
     assert fidelity["mean_logit_difference"] < 1e-3
+
+
+def test_bias_snap_makes_the_model_compute_what_the_file_computes(tmp_path):
+    """The file stores each bias as int32 on the grid s_in * s_w; after the snap the Keras
+    model adds exactly that, and with per-tensor activations the logits are bit-equal."""
+    model = _quantized_tiny(2, "per_layer", trained_like=True)
+    pixels = _pixels()
+    path = export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
+                                data=pixels, verbose=False, float_reference=False)
+    report = json.loads(path.with_name("m_report.json").read_text())
+    before, after = report["fidelity_before_bias_snap"], report["fidelity"]
+    assert before["max_logit_difference"] > 0           # the float biases were off the grid
+    assert after["max_logit_difference"] == 0.0
+    assert after["top1_agreement"] == 1.0
+    snap = report["bias_snap"]
+    assert snap["layers"] == 4                  # conv, dw, project, logits
+    assert 0 < snap["largest_change_in_bias_steps"] <= 0.5
+    # The snapped model exports to the same file: its biases already sit on the grid.
+    again = export.export_tflite(model, tmp_path / "again.tflite", input_mean=MEAN,
+                                 input_std=STD, verbose=False, float_reference=False)
+    assert again.read_bytes() == path.read_bytes()
+    # Snapping again moves nothing but float32 rounding (the 8-bit stem's grid is fine enough
+    # for one ulp of beta to be a thousandth of a grid step).
+    assert export.snap_biases_to_file(model, path) == pytest.approx(
+        {name: 0.0 for name in ("quant_conv", "quant_dw", "quant_project", "quant_logits")},
+        abs=0.01)
+
+
+def test_without_bias_snap_the_model_is_untouched(tmp_path):
+    model = _quantized_tiny(2, "per_layer", trained_like=True)
+    weights = [w.numpy() for w in model.weights]
+    export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
+                         data=_pixels(), verbose=False, snap_biases=False,
+                         float_reference=False)
+    report = json.loads((tmp_path / "m_report.json").read_text())
+    assert "bias_snap" not in report and "fidelity_before_bias_snap" not in report
+    for before, after in zip(weights, model.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_input_normalization_equals_the_input_quantizer_on_every_pixel_value(tmp_path):
+    """The file's normalization + input quantization gives Keras's integer for all 256 values
+    of every channel (with w = 127 and a rounded bias, some land one step off)."""
+    model = _quantized_tiny(2, "per_layer")
+    # With these, w = 127 and the nearest bias put 3 of the 768 values one step off
+    # (found by emulating the requantization; the test then fails with that choice).
+    mean, std = np.array([104.438, 124.589, 120.499]), np.array([66.81, 57.87, 67.04])
+    baked = export.bake(model, mean, std)
+    assert baked.normalization_mismatches == 0
+    content = export._convert(baked)                    # pylint: disable=protected-access
+    pixels = np.zeros((4, 8, 8, 3), np.float32)
+    pixels.reshape(-1, 3)[:] = np.arange(256)[:, None]
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+    # XNNPACK (LiteRT's default), as `run_tflite` and the report's fidelity run the file.
+    runner = Interpreter(model_content=content, experimental_preserve_all_tensors=True)
+    detail = runner.get_input_details()[0]
+    runner.resize_tensor_input(detail["index"], pixels.shape)
+    runner.allocate_tensors()
+    runner.set_tensor(detail["index"], pixels)
+    runner.invoke()
+    # The normalization is the depthwise op with a [1, 1, 1, 3] filter.
+    ops = runner._get_ops_details()                      # pylint: disable=protected-access
+    details = runner.get_tensor_details()
+    normalization = next(op for op in ops if op["op_name"] == "DEPTHWISE_CONV_2D"
+                         and list(details[op["inputs"][1]]["shape"]) == [1, 1, 1, 3])
+    output = details[normalization["outputs"][0]]
+    scale, zero_point = output["quantization"]
+    lite = runner.get_tensor(output["index"]).astype(np.int64) - zero_point
+    input_layer = next(layer for layer in model.layers if layer.name.startswith("quantize_layer"))
+    keras_values = input_layer(((pixels - mean) / std).astype("float32"), training=False)
+    np.testing.assert_array_equal(lite, np.round(keras_values.numpy() / scale))
 
 
 def test_exported_int8_weights_equal_the_keras_grid(tmp_path):

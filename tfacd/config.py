@@ -71,6 +71,7 @@ class ExperimentConfig:
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
     activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
     weight_storage: str = "int8"         # TFLite weights: int8, or int4 for 2-3 bit layers
+    snap_biases: bool = True             # export: move the model's biases onto the file's grid
 
     def validate(self) -> "ExperimentConfig":
         def need(condition, message):

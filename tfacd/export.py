@@ -16,12 +16,16 @@ What the bake does, and what is exact
   symmetric 255) are trained on the int8 grid itself, `s = max(|l|, |u|) / 127`, `m` in
   `[-127, 127]` (`symmetric_step` in `tfacd.ops`). The report counts weights that had to be
   clamped into int8 (`clamped_weights`): 0 by construction, kept as a check.
-* **Bias (almost exact).** TFLite stores the (folded) bias as int32 with the scale
+* **Bias (exact after the snap).** TFLite stores the (folded) bias as int32 with the scale
   `s_in * s'_c`. At 2 bits both steps are coarse, and rounding the bias to that grid moved
   trained models' outputs across rounding boundaries. So each channel's integers are spread
   over int8, `m s' = (K m) (s' / K)` with `K = floor(127 / max |m|)` (42 at 2 bits): the
   same values and the same number of distinct values, with a bias grid `K` times finer. The
-  bias's rounding error left is at most `s_in s' / (2K)`.
+  rounding left (at most `s_in s' / (2K)`) is then moved into the Keras model:
+  `export_tflite(..., snap_biases=True)` (the default; `snap_biases_to_file`) adds each
+  channel's difference to the layer's bias or its folded BatchNorm's beta, so the Keras
+  model adds exactly the file's integers. The file does not change; the Keras model's
+  accuracy moves by the bias rounding's effect (the report gives it before and after).
 * **Weight storage.** int8 by default. `weight_storage="int4"` bakes every layer whose
   integers fit int4's `[-8, 7]` (2- and 3-bit weights; a 4-bit channel only if its grid is
   `[-8, 7]` exactly) with the spread `K = floor(7 / max |m|)` (2 at 2 bits), and
@@ -49,8 +53,18 @@ What the bake does, and what is exact
     union grid. Values match the Keras model up to half a union step; the price is float ops
     on those tensors. `tfacd.export.measure_policies` compares the two on data.
 
-* **Input.** The file takes raw RGB pixels (0-255) and normalizes them itself, as a 1x1
-  depthwise convolution (`(p - mean_c) / std_c`, int8) followed by the model's input quantizer.
+* **Input (exact).** The file takes raw RGB pixels (0-255) and normalizes them itself, as a
+  1x1 depthwise convolution (`(p - mean_c) / std_c`, int8) followed by the model's input
+  quantizer. Its int8 weight and int32 bias are searched per channel so that the file's
+  integer equals the Keras input quantizer's on all 256 pixel values (`w = 127` with the
+  nearest bias put 0.4% of a trained run's input values one step off).
+
+With per-tensor activations, the input normalization and the snapped biases, the file
+computes what the Keras model computes: on the trained CIFAR-10 runs the logits of 5,000
+validation images were equal bit for bit with XNNPACK (LiteRT's default; docs/results.md).
+TFLite's builtin kernels (no XNNPACK) are not exact: their per-channel depthwise
+requantization came out 7e-5 to 1e-4 (relative) off the file's multiplier, enough to move
+2-bit rounding decisions.
 
 The LiteRT interpreter (`ai_edge_litert`) runs the files; `tf.lite.Interpreter` is deprecated.
 """
@@ -421,10 +435,80 @@ class Bake:
     float_layers: list       # names of layers left unquantized (float islands)
     quantized: bool
     model: object = dataclasses.field(default=None, repr=False)
+    # (pixel value, channel) pairs whose quantized input differs from Keras's: 0, or None
+    # when the input normalization was not matched to an input quantizer.
+    normalization_mismatches: int | None = None
 
 
-def _normalization(x, mean, std, quantized: bool, input_quantized: bool):
-    """Raw pixels -> `(p - mean) / std`, as a 1x1 depthwise convolution (int8 in TFLite)."""
+def _tflite_activation_grid(plan: ActivationPlan):
+    """Scale and int8 zero point TFLite gives a per-tensor activation emitted from `plan`
+    (`_emit_activation`'s 8-bit fake quant, nudged as TF's FakeQuant op nudges it)."""
+    lower = np.float32(np.min(plan.lower))
+    step = (float(np.max(plan.upper)) - float(lower)) / ops.num_levels(plan.bits)
+    top = np.float32(float(lower) + 255 * step)
+    scale = np.float32((top - lower) / np.float32(255))
+    zero_point = int(np.clip(np.floor(-float(lower) / float(scale) + 0.5), 0, 255)) - 128
+    return float(scale), zero_point
+
+
+def _round_half_away(values):
+    return np.sign(values) * np.floor(np.abs(values) + 0.5)
+
+
+def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
+    """Per channel, the int8 weight `w` and int32 bias `b` of the 1x1 convolution that turns
+    raw pixels into the model's quantized input, chosen so that TFLite's result equals the
+    Keras model's on every pixel value 0..255.
+
+    Keras computes `Q((p - mean) / std)` in float32 (`tfacd.data.normalize`, then the input
+    quantizer `Q`); TFLite computes `zp + round(M (w p + b))` with `M = s_w / s_out` and the
+    bias on the grid `s_w` (the pixels' scale is 1). With `w = 127` and `b = round(-127 mean)`,
+    the bias's rounding moves the argument by up to `0.5 / (127 std s_out)` steps, and 0.4%
+    of a trained model's input values came out one step off (measured on the CIFAR-10 runs).
+    Each channel has only 256 inputs, so the search tries every `w` and the nearest few `b`
+    and keeps the pair that gives Keras's integer on all 256, farthest from a rounding tie
+    (so TFLite's fixed-point and XNNPACK's float requantization round alike).
+
+    Returns `(w, b, s_w, mismatches)`: arrays per channel, and the number of (pixel value,
+    channel) pairs no pair could match (0 when the search succeeds).
+    """
+    channels = len(mean)
+    pixels = np.arange(256, dtype=np.float32)
+    normalized = (pixels[:, None] - mean.astype(np.float32)) / std.astype(np.float32)
+    keras_values = input_layer(tf.constant(normalized.reshape(1, 256, 1, channels)),
+                               training=False).numpy().reshape(256, channels)
+    scale, zero_point = _tflite_activation_grid(plan)
+    target = np.clip(np.round(keras_values / scale) + zero_point, -128, 127)
+    weights = np.zeros(channels, np.int64)
+    biases = np.zeros(channels, np.int64)
+    steps = np.zeros(channels, np.float32)
+    mismatches = 0
+    for c in range(channels):
+        best = None
+        for w in range(_INT8_MAX, 0, -1):
+            step = np.float32(1.0 / (float(std[c]) * w))
+            multiplier = float(step) / scale
+            center = -float(mean[c]) * w
+            for b in range(int(np.floor(center)) - 2, int(np.floor(center)) + 4):
+                argument = multiplier * (w * pixels.astype(np.float64) + b)
+                result = np.clip(zero_point + _round_half_away(argument), -128, 127)
+                wrong = int(np.sum(result != target[:, c]))
+                # Distance to the nearest rounding tie, over the values that are not clamped.
+                free = (result > -128) & (result < 127)
+                margin = float(np.min(np.abs(argument[free] - np.floor(argument[free]) - 0.5))) \
+                    if free.any() else 0.5
+                key = (wrong, -margin)
+                if best is None or key < best[0]:
+                    best = (key, w, b, step)
+        (wrong, _), weights[c], biases[c], steps[c] = best
+        mismatches += wrong
+    return weights, biases, steps, mismatches
+
+
+def _normalization(x, mean, std, quantized: bool, input_quantized: bool, integers=None):
+    """Raw pixels -> `(p - mean) / std`, as a 1x1 depthwise convolution (int8 in TFLite).
+    `integers`: `(w, b, s_w)` per channel from `_normalization_integers` (the quantized
+    result then equals Keras's on every pixel value); None: `w = 127`, float bias."""
     channels = x.shape[-1]
     mean = np.broadcast_to(np.asarray(mean, np.float64), (channels,))
     std = np.broadcast_to(np.asarray(std, np.float64), (channels,))
@@ -433,11 +517,15 @@ def _normalization(x, mean, std, quantized: bool, input_quantized: bool):
     scale, shift = 1.0 / std, -mean / std
     if quantized:
         x = _fake_quant_8bit(x, 0.0, 255.0)      # scale 1, zero point 0: pixels exactly
-        # One int8 weight per channel, 127, with scale 1 / (127 std_c): exact.
-        baked = BakedWeights(kernel=scale.reshape(1, 1, 1, channels).astype(np.float32),
+        if integers is not None:
+            integers, bias, step = integers
+            shift = bias * step.astype(np.float64)
+        else:
+            # One int8 weight per channel, 127, with scale 1 / (127 std_c).
+            integers, step = np.full(channels, _INT8_MAX), (scale / _INT8_MAX).astype(np.float32)
+        baked = BakedWeights(kernel=(integers * step).reshape(1, 1, 1, channels).astype(np.float32),
                              bias=shift.astype(np.float32),
-                             integers=np.full((1, 1, 1, channels), _INT8_MAX),
-                             step=(scale / _INT8_MAX).astype(np.float32), bits=8)
+                             integers=integers.reshape(1, 1, 1, channels), step=step, bits=8)
         kernel = tf.reshape(_weight_tensor(baked), (1, 1, channels, 1))
     else:
         kernel = tf.constant(scale.reshape(1, 1, channels, 1).astype(np.float32))
@@ -509,11 +597,21 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
         raise ExportError("the model has no input quantizer (quantize_input=False) and no "
                           "input_mean/input_std were given: the input's range is unknown")
     spec = tf.TensorSpec((batch_size, *model.inputs[0].shape[1:]), tf.float32, name="pixels")
+    normalization, normalization_mismatches = None, None
+    input_layer = next((layer for layer in model.layers
+                        if isinstance(layer, quantize_layer.QuantizeLayer)), None)
+    if quantized and normalize and input_layer is not None and \
+            not plans[input_layer.name].per_channel:
+        channels = model.inputs[0].shape[-1]
+        *normalization, normalization_mismatches = _normalization_integers(
+            input_layer, plans[input_layer.name],
+            np.broadcast_to(np.asarray(mean, np.float64), (channels,)),
+            np.broadcast_to(np.asarray(std, np.float64), (channels,)))
 
     @tf.function(input_signature=[spec], autograph=False)
     def inference(pixels):
         values, tapped = {}, {}
-        x = _normalization(pixels, mean, std, quantized, input_quantized) \
+        x = _normalization(pixels, mean, std, quantized, input_quantized, normalization) \
             if normalize else pixels
         values[id(model.inputs[0])] = x
         nodes_by_depth = model._nodes_by_depth  # pylint: disable=protected-access
@@ -545,7 +643,8 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
         return tapped if taps else values[id(model.outputs[0])]
 
     function = inference.get_concrete_function()
-    return Bake(function, weights, list(plans.values()), float_layers, quantized, model)
+    return Bake(function, weights, list(plans.values()), float_layers, quantized, model,
+                normalization_mismatches)
 
 
 # ------------------------------------------------------------------------------------------
@@ -678,14 +777,21 @@ def _tensor_types():
 
 
 def _weight_ops(model):
-    """`(op name, filter tensor)` of every Conv2D, DepthwiseConv2D, FullyConnected op."""
+    """`(op name, filter tensor, bias tensor or None)` of every Conv2D, DepthwiseConv2D and
+    FullyConnected op."""
     # pylint: disable-next=import-outside-toplevel
     from tensorflow.lite.tools import flatbuffer_utils
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
             if name in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
-                yield name, subgraph.tensors[op.inputs[1]]
+                bias = subgraph.tensors[op.inputs[2]] \
+                    if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+                yield name, subgraph.tensors[op.inputs[1]], bias
+
+
+def _tensor_name(tensor) -> str:
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
 def _pack_int4(values: np.ndarray) -> np.ndarray:
@@ -715,7 +821,7 @@ def pack_int4_weights(model_path_or_bytes) -> tuple[bytes, int]:
     types = _tensor_types()
     users = collections.Counter(t.buffer for sg in model.subgraphs for t in sg.tensors)
     packed = 0
-    for _, tensor in _weight_ops(model):
+    for _, tensor, _ in _weight_ops(model):
         buffer = model.buffers[tensor.buffer]
         if tensor.type != types.INT8 or buffer.data is None or users[tensor.buffer] != 1:
             continue
@@ -732,7 +838,7 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
     model = _flatbuffer(_content(model_path_or_bytes))
     types = _tensor_types()
     found = []
-    for op_name, tensor in _weight_ops(model):
+    for op_name, tensor, _ in _weight_ops(model):
         data = model.buffers[tensor.buffer].data
         if tensor.type not in (types.INT8, types.INT4) or data is None:
             continue
@@ -743,9 +849,8 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
         params = tensor.quantization
         axis = int(params.quantizedDimension)
         per_channel = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-        name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
         found.append({
-            "op": op_name, "tensor": name, "shape": shape,
+            "op": op_name, "tensor": _tensor_name(tensor), "shape": shape,
             "storage": "int8" if tensor.type == types.INT8 else "int4",
             "zero_points": sorted({int(z) for z in params.zeroPoint}),
             "max_distinct_per_channel": int(max(len(np.unique(row)) for row in per_channel)),
@@ -803,22 +908,21 @@ def _mean_std(input_mean, input_std):
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=None,
-             batch_size: int = 64) -> dict:
-    """Top-1 agreement and logit differences between the Keras QAT model and a file, and
-    both accuracies when `labels` are given. `pixels` are raw (0-255)."""
+def _keras_logits(qat_model, pixels, input_mean=None, input_std=None, batch_size: int = 64):
     pixels = np.asarray(pixels, np.float32)
     normalized = pixels
     if input_mean is not None or input_std is not None:
         mean, std = _mean_std(input_mean, input_std)
         normalized = (pixels - mean) / std
-    keras_logits = np.concatenate([
+    return np.concatenate([
         qat_model(normalized[i:i + batch_size], training=False).numpy()
         for i in range(0, len(pixels), batch_size)])
-    lite_logits = run_tflite(tflite, pixels, batch_size)
+
+
+def _compare(keras_logits, lite_logits, labels=None) -> dict:
     difference = np.abs(keras_logits - lite_logits)
     result = {
-        "num_examples": int(len(pixels)),
+        "num_examples": int(len(keras_logits)),
         "top1_agreement": float(np.mean(keras_logits.argmax(1) == lite_logits.argmax(1))),
         "max_logit_difference": float(difference.max()),
         "mean_logit_difference": float(difference.mean()),
@@ -829,6 +933,79 @@ def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=
         result["keras_accuracy"] = float(np.mean(keras_logits.argmax(1) == labels))
         result["tflite_accuracy"] = float(np.mean(lite_logits.argmax(1) == labels))
     return result
+
+
+def fidelity(qat_model, tflite, pixels, labels=None, input_mean=None, input_std=None,
+             batch_size: int = 64) -> dict:
+    """Top-1 agreement and logit differences between the Keras QAT model and a file (run
+    with XNNPACK, LiteRT's default), and both accuracies when `labels` are given. `pixels`
+    are raw (0-255)."""
+    return _compare(_keras_logits(qat_model, pixels, input_mean, input_std, batch_size),
+                    run_tflite(tflite, np.asarray(pixels, np.float32), batch_size), labels)
+
+
+def snap_biases_to_file(qat_model, tflite) -> dict:
+    """Moves `qat_model`'s biases onto the int32 grid the file `tflite` stores them on, so
+    the Keras model computes what the file computes. Changes `qat_model` in place; the file
+    is unchanged (exporting the snapped model again gives the same integers).
+
+    TFLite keeps each weight layer's (BN-folded) bias as an int32 `b_c` with the scale
+    `s_in s_c`, the product of the input's and the channel's weight steps, so the file adds
+    `b_c s_in s_c` where Keras adds its float bias `beta_c`: a difference of up to
+    `s_in s_c / 2` per channel. Small, but a 2-bit model's rounding decisions move under
+    relative changes of 1e-5 (docs/results.md), and after a few layers a quarter of the
+    values differ. Here each channel's difference is added to the Keras layer's bias, or to
+    the beta of the BatchNormalization folded into it: `beta_c <- beta_c + (b_c s_in s_c -
+    bias_c)`. Keras then adds exactly what the file adds.
+
+    Returns `{layer name: largest change in units of that layer's bias grid}` (each <= 0.5).
+    Raises `ExportError` for a file that does not belong to the model.
+    """
+    content = _content(tflite)
+    model = _flatbuffer(content)
+    names = [layer.name for layer in qat_model.layers]
+    folded = {}
+    for layer in qat_model.layers:
+        target = _bn_fold_target(layer)
+        if target is not None:
+            folded[layer.name] = target
+    shifts = {}
+    for _, filter_tensor, bias_tensor in _weight_ops(model):
+        name = _layer_for_tensor(_tensor_name(filter_tensor), names)
+        if name is None or bias_tensor is None:
+            continue                              # the input normalization: not a layer
+        data = model.buffers[bias_tensor.buffer].data
+        scales = bias_tensor.quantization.scale if bias_tensor.quantization else None
+        if data is None or scales is None or len(scales) == 0:
+            continue                              # a float bias: nothing to snap
+        layer = qat_model.get_layer(name)
+        grid = np.asarray(scales, np.float64)
+        file_bias = np.frombuffer(bytes(data), np.int32).astype(np.float64) * grid
+        current = _bake_weights(layer, folded.get(name), True).bias.astype(np.float64)
+        if current.shape != file_bias.shape:
+            raise ExportError(f"{name}: the file's bias has {file_bias.size} channels, the "
+                              f"model's {current.size}: the file is not this model's export")
+        delta = file_bias - current
+        bn = folded.get(name)
+        change = delta
+        if bn is not None and _inner(bn).center:
+            variable = _inner(bn).beta
+        elif _inner(layer).use_bias:
+            variable = _inner(layer).bias
+            if bn is not None:                    # folded bias = bias * multiplier + shift
+                multiplier, _ = _bn_multiplier_and_shift(bn, current.size)
+                if np.any((multiplier == 0) & (delta != 0)):
+                    raise ExportError(f"{name}: a channel with BatchNormalization gamma 0 "
+                                      "has a bias that cannot be snapped")
+                change = np.divide(delta, multiplier, out=np.zeros_like(delta),
+                                   where=multiplier != 0)
+        elif np.any(delta):
+            raise ExportError(f"{name}: no bias or BatchNormalization beta to snap")
+        else:
+            continue
+        variable.assign((variable.numpy().astype(np.float64) + change).astype(np.float32))
+        shifts[name] = float(np.max(np.abs(delta) / grid)) if delta.size else 0.0
+    return shifts
 
 
 def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
@@ -871,6 +1048,9 @@ def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
                         "exact": bool(plan.exact)}
             for plan in baked.activations},
         "float_layers": baked.float_layers,
+        # (pixel value, channel) pairs whose quantized input differs from Keras's input
+        # quantizer (0 by construction; None: no input quantizer to match).
+        "input_normalization_mismatches": baked.normalization_mismatches,
         "options": options,
     }
 
@@ -884,7 +1064,7 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                   activation_policy: str = "clamp", data=None, labels=None,
                   batch_size: int | None = None, float_reference: bool = True,
                   report_path=None, verbose: bool = True,
-                  weight_storage: str = "int8") -> pathlib.Path:
+                  weight_storage: str = "int8", snap_biases: bool = True) -> pathlib.Path:
     """Exports a tfacd QAT model to a TFLite file that takes raw RGB pixels.
 
     Args:
@@ -903,13 +1083,18 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
       weight_storage: "int8" (default), or "int4": layers whose weights have at most 16
         levels that fit `[-8, 7]` (2- and 3-bit layers) are stored as packed int4, half the
         bytes, with a coarser bias grid (module docstring); the report says which.
+      snap_biases: move `qat_model`'s biases (in place) onto the int32 grid the file stores
+        them on (`snap_biases_to_file`), so that the model and the file compute the same
+        thing; the report's `fidelity` is then against the snapped model, and
+        `fidelity_before_bias_snap` against the model as it came. False: leave the model
+        as it is.
 
     Returns:
       The path written. Raises `ExportError` naming the problem for a model that was never
       quantized, a path that cannot be written, or anything the converter refuses.
     """
     path = _writable(output_path)
-    options = {"input_type": input_type, "output_type": output_type,
+    options = {"input_type": input_type, "output_type": output_type, "snap_biases": snap_biases,
                "activation_policy": activation_policy, "weight_storage": weight_storage,
                "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
                "input_std": None if input_std is None else np.asarray(input_std).tolist()}
@@ -923,8 +1108,20 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,
                                       False, batch_size))
     report = _report(qat_model, baked, content, float_content, options)
+    lite_logits = None
     if data is not None:
-        report["fidelity"] = fidelity(qat_model, content, data, labels, input_mean, input_std)
+        lite_logits = run_tflite(content, np.asarray(data, np.float32))
+        if snap_biases:
+            report["fidelity_before_bias_snap"] = _compare(
+                _keras_logits(qat_model, data, input_mean, input_std), lite_logits, labels)
+    if snap_biases:
+        shifts = snap_biases_to_file(qat_model, content)
+        report["bias_snap"] = {
+            "layers": len(shifts),
+            "largest_change_in_bias_steps": max(shifts.values(), default=0.0)}
+    if lite_logits is not None:
+        report["fidelity"] = _compare(_keras_logits(qat_model, data, input_mean, input_std),
+                                      lite_logits, labels)
     path.write_bytes(content)
     report["path"] = str(path)
     report_file = pathlib.Path(report_path) if report_path else \
@@ -1007,4 +1204,10 @@ def format_report(report: dict) -> str:
         if fid.get("keras_accuracy") is not None:
             lines.append(f"  accuracy: Keras {fid['keras_accuracy']:.4f}, "
                          f"TFLite {fid['tflite_accuracy']:.4f}")
+    before = report.get("fidelity_before_bias_snap")
+    if before:
+        accuracy = "" if before.get("keras_accuracy") is None else \
+            f", Keras accuracy {before['keras_accuracy']:.4f}"
+        lines.append(f"  before the bias snap ({report['bias_snap']['layers']} layers): "
+                     f"top-1 agreement {before['top1_agreement']:.4f}{accuracy}")
     return "\n".join(lines)

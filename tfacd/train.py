@@ -340,7 +340,8 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
                              input_type=config.export_input_type,
                              activation_policy=config.activation_policy, data=pixels,
                              labels=labels, report_path=report_path,
-                             weight_storage=config.weight_storage)
+                             weight_storage=config.weight_storage,
+                             snap_biases=config.snap_biases)
         report = json.loads(report_path.read_text())
     else:
         tfmot = config.mode == "qat" and config.tfmot_default
@@ -367,7 +368,9 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
             "top1_agreement": fidelity.get("top1_agreement"),
             "accuracy": fidelity.get("tflite_accuracy"),
             "keras_accuracy": fidelity.get("keras_accuracy"),
-            "num_examples": fidelity.get("num_examples")}
+            "num_examples": fidelity.get("num_examples"),
+            "top1_agreement_before_bias_snap":
+                report.get("fidelity_before_bias_snap", {}).get("top1_agreement")}
 
 
 def export_run(config: ExperimentConfig) -> dict:
@@ -377,7 +380,8 @@ def export_run(config: ExperimentConfig) -> dict:
     model, splits, saved = _rebuild(model_dir, "--mode=export")
     saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
                                 activation_policy=config.activation_policy,
-                                weight_storage=config.weight_storage)
+                                weight_storage=config.weight_storage,
+                                snap_biases=config.snap_biases)
     summary = _export(model, saved, splits, model_dir)
     results_path = model_dir / RESULTS
     results = json.loads(results_path.read_text())
