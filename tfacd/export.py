@@ -162,6 +162,16 @@ def _bn_fold_target(layer):
     return None
 
 
+def _batch_norm_folds(model) -> dict:
+    """`{weight layer name: the BatchNormalization layer folded into it}`."""
+    folds = {}
+    for layer in model.layers:
+        target = _bn_fold_target(layer)
+        if target is not None:
+            folds[layer.name] = target
+    return folds
+
+
 # ------------------------------------------------------------------------------------------
 # Weights: quantized integers and steps, BatchNorm folding
 # ------------------------------------------------------------------------------------------
@@ -572,15 +582,12 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
     std = 1.0 if input_std is None else input_std
 
     weights, float_layers = {}, []
-    folded = {}
-    for layer in model.layers:
-        target = _bn_fold_target(layer)
-        if target is not None:
-            folded[target.name] = layer.name
+    folds = _batch_norm_folds(model)
+    folded = {bn.name: name for name, bn in folds.items()}
     for layer in model.layers:
         if type(_inner(layer)).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
-            bn = next((model.get_layer(b) for b, w in folded.items() if w == layer.name), None)
-            weights[layer.name] = _bake_weights(layer, bn, quantized, weight_storage)
+            weights[layer.name] = _bake_weights(layer, folds.get(layer.name), quantized,
+                                                weight_storage)
         elif not isinstance(layer, (quantize_wrapper.QuantizeWrapper,
                                     quantize_layer.QuantizeLayer, keras.layers.InputLayer)):
             float_layers.append(layer.name)
@@ -964,11 +971,7 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     content = _content(tflite)
     model = _flatbuffer(content)
     names = [layer.name for layer in qat_model.layers]
-    folded = {}
-    for layer in qat_model.layers:
-        target = _bn_fold_target(layer)
-        if target is not None:
-            folded[layer.name] = target
+    folded = _batch_norm_folds(qat_model)
     shifts = {}
     for _, filter_tensor, bias_tensor in _weight_ops(model):
         name = _layer_for_tensor(_tensor_name(filter_tensor), names)
