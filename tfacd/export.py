@@ -389,14 +389,21 @@ def _fake_quant_8bit(x, lower: float, upper: float):
     return tf.quantization.fake_quant_with_min_max_vars(x, lower, upper, num_bits=8)
 
 
+def _per_tensor_grid(plan: ActivationPlan):
+    """`(lower, step, upper)` of a per-tensor activation `plan`: its k-bit grid, which the
+    file holds on an 8-bit tensor with the same step and origin."""
+    levels = ops.num_levels(plan.bits)
+    lower = float(np.min(plan.lower))
+    step = (float(np.max(plan.upper)) - lower) / levels
+    return lower, step, lower + levels * step
+
+
 def _emit_activation(x, plan: ActivationPlan, policy: str, nonnegative: bool = False):
     """The activation quantizer `plan` on `x`. `nonnegative`: `x` comes out of a ReLU, so the
     lower clip (always <= 0 after the zero-point nudge) never binds."""
     levels = ops.num_levels(plan.bits)
     if not plan.per_channel:
-        lower = float(np.min(plan.lower))
-        step = (float(np.max(plan.upper)) - lower) / levels
-        upper = lower + levels * step
+        lower, step, upper = _per_tensor_grid(plan)
         if nonnegative and levels < 255:
             # Same step and origin, with the k-bit top as the top of the 8-bit range: int8
             # saturation is the upper clip and the (fused) ReLU the lower one; no extra op.
@@ -452,10 +459,10 @@ class Bake:
 
 def _tflite_activation_grid(plan: ActivationPlan):
     """Scale and int8 zero point TFLite gives a per-tensor activation emitted from `plan`
-    (`_emit_activation`'s 8-bit fake quant, nudged as TF's FakeQuant op nudges it)."""
-    lower = np.float32(np.min(plan.lower))
-    step = (float(np.max(plan.upper)) - float(lower)) / ops.num_levels(plan.bits)
-    top = np.float32(float(lower) + 255 * step)
+    (`_emit_activation`'s 8-bit fake quant over `[lower, lower + 255 step]`, whose bounds
+    TF holds as float32, nudged as TF's FakeQuant op nudges it)."""
+    lower, step, _ = _per_tensor_grid(plan)
+    top, lower = np.float32(lower + 255 * step), np.float32(lower)
     scale = np.float32((top - lower) / np.float32(255))
     zero_point = int(np.clip(np.floor(-float(lower) / float(scale) + 0.5), 0, 255)) - 128
     return float(scale), zero_point
@@ -484,6 +491,7 @@ def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
     """
     channels = len(mean)
     pixels = np.arange(256, dtype=np.float32)
+    pixels64 = pixels.astype(np.float64)
     normalized = (pixels[:, None] - mean.astype(np.float32)) / std.astype(np.float32)
     keras_values = input_layer(tf.constant(normalized.reshape(1, 256, 1, channels)),
                                training=False).numpy().reshape(256, channels)
@@ -500,7 +508,7 @@ def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
             multiplier = float(step) / scale
             center = -float(mean[c]) * w
             for b in range(int(np.floor(center)) - 2, int(np.floor(center)) + 4):
-                argument = multiplier * (w * pixels.astype(np.float64) + b)
+                argument = multiplier * (w * pixels64 + b)
                 result = np.clip(zero_point + _round_half_away(argument), -128, 127)
                 wrong = int(np.sum(result != target[:, c]))
                 # Distance to the nearest rounding tie, over the values that are not clamped.
