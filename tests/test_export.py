@@ -36,11 +36,13 @@ def _trained_like(model, seed=0):
     return model
 
 
-def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False):
+def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False,
+                    activation_granularity=None):
     tf.random.set_seed(0)
     float_model = _trained_like(tiny_cnn()) if trained_like else tiny_cnn()
     model = tfacd.quantize_model(float_model, weight_bits=bits, activation_bits=bits,
-                                 granularity=granularity, first_last_bits=first_last_bits)
+                                 granularity=granularity, first_last_bits=first_last_bits,
+                                 activation_granularity=activation_granularity)
     tfacd.calibrate(model, ((_pixels(64, seed=1) - MEAN) / STD).astype("float32"))
     return model
 
@@ -305,25 +307,28 @@ def test_report_sizes_and_true_bit_memory(tmp_path):
 
 def test_int4_packing_keeps_every_integer(tmp_path):
     """`pack_int4_weights` changes how the filters are stored, not what the file computes:
-    the packed file's outputs equal those of the int8 file holding the same integers, on
-    TFLite's builtin kernels (XNNPACK delegates a different part of each file: 5 delegate
-    nodes for the int4 file, 7 for the int8 one; and its requantization rounds differently
-    from the builtin kernels')."""
+    the 1x1 convolution becomes an int4 FULLY_CONNECTED whose outputs equal the int8
+    CONV_2D's bit for bit, with XNNPACK (which runs int4 only in FULLY_CONNECTED) and with
+    the builtin kernels. The depthwise filter stays int8 although its integers fit."""
     model = _quantized_tiny(2, "per_channel")
     baked = export.bake(model, MEAN, STD, weight_storage="int4")
     unpacked = export._convert(baked)  # pylint: disable=protected-access
     packed, count = export.pack_int4_weights(unpacked)
-    assert count == 2                                # the 2-bit dw and project layers
+    assert count == 1                                # the 2-bit 1x1 project layer
     before = {e["tensor"]: e for e in export.weight_tensors(unpacked)}
     after = {e["tensor"]: e for e in export.weight_tensors(packed)}
-    assert sorted(e["storage"] for e in after.values()) == ["int4", "int4", "int8", "int8",
-                                                             "int8"]
+    assert sorted((e["op"], e["storage"]) for e in after.values()) == [
+        ("CONV_2D", "int8"), ("CONV_2D", "int8"), ("DEPTHWISE_CONV_2D", "int8"),
+        ("DEPTHWISE_CONV_2D", "int8"), ("FULLY_CONNECTED", "int4")]
     for name, entry in after.items():                # same statistics, read back unpacked
-        assert {k: v for k, v in entry.items() if k != "storage"} == \
-            {k: v for k, v in before[name].items() if k != "storage"}
+        assert {k: v for k, v in entry.items() if k not in ("storage", "op", "shape")} == \
+            {k: v for k, v in before[name].items() if k not in ("storage", "op", "shape")}
+    assert export.op_histogram(packed)["CONV_2D"] == export.op_histogram(unpacked)["CONV_2D"] - 1
     pixels = _pixels(100)
-    np.testing.assert_array_equal(export.run_tflite(packed, pixels, delegates=False),
-                                  export.run_tflite(unpacked, pixels, delegates=False))
+    for delegates in (True, False):
+        np.testing.assert_array_equal(
+            export.run_tflite(packed, pixels, delegates=delegates),
+            export.run_tflite(unpacked, pixels, delegates=delegates))
     parts_before, parts_after = export.size_breakdown(unpacked), export.size_breakdown(packed)
     assert parts_after["int4_tensors"] > 0
     assert parts_before["int8_tensors"] - parts_after["int8_tensors"] == \
@@ -331,27 +336,53 @@ def test_int4_packing_keeps_every_integer(tmp_path):
     assert len(packed) < len(unpacked)
 
 
-def test_int4_storage_export(tmp_path):
-    model = _quantized_tiny(2, "per_channel")
+def test_int4_storage_export_is_exact(tmp_path):
+    """Per-channel 2-bit weights stored as int4, per-tensor activations, trained-like biases:
+    after the bias snap the file's logits equal the Keras model's bit for bit, as with int8
+    storage (the XNNPACK FULLY_CONNECTED kernel requantizes like the CONV_2D one)."""
+    model = _quantized_tiny(2, "per_channel", trained_like=True,
+                            activation_granularity="per_layer")
     pixels = _pixels()
-    paths = {storage: export.export_tflite(
-        model, tmp_path / f"{storage}.tflite", input_mean=MEAN, input_std=STD,
-        data=pixels if storage == "int4" else None, float_reference=False, verbose=False,
-        weight_storage=storage) for storage in ("int8", "int4")}
-    reports = {storage: json.loads(path.with_name(f"{storage}_report.json").read_text())
-               for storage, path in paths.items()}
-    int4 = reports["int4"]
-    assert {name: w["storage"] for name, w in int4["weights"].items()} == {
-        "input_normalization": "int8", "quant_conv": "int8", "quant_dw": "int4",
-        "quant_project": "int4", "quant_logits": "int8"}
-    assert int4["all_weight_zero_points_zero"] and int4["all_distinct_within_2^bits"]
-    assert int4["file_bytes"] < reports["int8"]["file_bytes"]
-    assert int4["options"]["weight_storage"] == "int4"
-    assert np.all(np.isfinite(export.run_tflite(paths["int4"], pixels)))
-    # Coarser bias grid than int8 storage's (K = 2 instead of 42), still far above chance.
-    assert int4["fidelity"]["top1_agreement"] >= 0.45
+    path = export.export_tflite(model, tmp_path / "int4.tflite", input_mean=MEAN,
+                                input_std=STD, data=pixels, verbose=False,
+                                weight_storage="int4")
+    report = json.loads(path.with_name("int4_report.json").read_text())
+    assert {name: (w["op"], w["storage"]) for name, w in report["weights"].items()} == {
+        "input_normalization": ("DEPTHWISE_CONV_2D", "int8"),
+        "quant_conv": ("CONV_2D", "int8"), "quant_dw": ("DEPTHWISE_CONV_2D", "int8"),
+        "quant_project": ("FULLY_CONNECTED", "int4"), "quant_logits": ("CONV_2D", "int8")}
+    assert report["all_weight_zero_points_zero"] and report["all_distinct_within_2^bits"]
+    assert report["options"]["weight_storage"] == "int4"
+    assert report["fidelity"]["max_logit_difference"] == 0.0
+    assert report["fidelity"]["top1_agreement"] == 1.0
     with pytest.raises(export.ExportError, match="weight_storage"):
         export.export_tflite(model, tmp_path / "x.tflite", weight_storage="int2")
+
+
+def test_quantization_vectors_are_stored_once(tmp_path):
+    """The converter writes one scale and one zero-point vector per tensor; the export
+    shares equal ones. Same model (outputs bit-equal), fewer bytes, and the size breakdown
+    counts what is stored."""
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils
+    model = _quantized_tiny(2, "per_channel")
+    content = export._convert(export.bake(model, MEAN, STD))  # pylint: disable=protected-access
+    unshared = bytes(flatbuffer_utils.convert_object_to_bytearray(
+        export._flatbuffer(content)))                          # pylint: disable=protected-access
+    # Zero-point vectors: one per quantized tensor before, one per distinct length after.
+    tensors = [t for sg in export._flatbuffer(content).subgraphs  # pylint: disable=protected-access
+               for t in sg.tensors if t.quantization is not None
+               and t.quantization.zeroPoint is not None]
+    distinct = {tuple(t.quantization.zeroPoint) for t in tensors}
+    saved = sum(8 * len(t.quantization.zeroPoint) for t in tensors) - \
+        sum(8 * len(v) for v in distinct)
+    assert saved > 0
+    assert len(unshared) - len(content) >= saved
+    pixels = _pixels(50)
+    np.testing.assert_array_equal(export.run_tflite(content, pixels),
+                                  export.run_tflite(unshared, pixels))
+    assert export.size_breakdown(content)["quantization_parameters"] < \
+        export.size_breakdown(unshared)["quantization_parameters"]
 
 
 def test_unquantized_model_is_refused(tmp_path):

@@ -70,7 +70,7 @@ class ExperimentConfig:
     export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
     activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
-    weight_storage: str = "int8"         # TFLite weights: int8, or int4 for 2-3 bit layers
+    weight_storage: str = "int8"         # TFLite weights: int8, or int4 (2-3 bit 1x1/Dense layers)
     snap_biases: bool = True             # export: move the model's biases onto the file's grid
 
     def validate(self) -> "ExperimentConfig":

@@ -26,14 +26,18 @@ What the bake does, and what is exact
   channel's difference to the layer's bias or its folded BatchNorm's beta, so the Keras
   model adds exactly the file's integers. The file does not change; the Keras model's
   accuracy moves by the bias rounding's effect (the report gives it before and after).
-* **Weight storage.** int8 by default. `weight_storage="int4"` bakes every layer whose
-  integers fit int4's `[-8, 7]` (2- and 3-bit weights; a 4-bit channel only if its grid is
-  `[-8, 7]` exactly) with the spread `K = floor(7 / max |m|)` (2 at 2 bits), and
-  `pack_int4_weights` then stores those filters as packed int4: TFLite's CONV_2D,
-  DEPTHWISE_CONV_2D and FULLY_CONNECTED kernels take int4 filters with int8 activations
-  (the converter itself writes int8 whatever the fake-quant's bits). Same weight values,
-  half their bytes; the bias grid is `K` times finer instead of 42 times, so the bias
-  rounding above is larger (measured in docs/results.md).
+* **Weight storage.** int8 by default. `weight_storage="int4"` stores the filters of
+  Dense layers and 1x1 stride-1 Conv2Ds (93% of a 2-bit MobileNetV2-CIFAR's weights) as
+  packed int4 wherever their integers fit `[-8, 7]` (2- and 3-bit weights; a 4-bit channel
+  only if its grid is `[-8, 7]` exactly), with the spread `K = floor(7 / max |m|)` (2 or 3
+  at 2 bits). `pack_int4_weights` writes each such Conv2D as a FULLY_CONNECTED over the channel
+  axis, because XNNPACK runs int4 filters only there; an int4 CONV_2D or DEPTHWISE_CONV_2D
+  falls back to TFLite's builtin kernels, which round differently (below), so depthwise
+  and k x k filters stay int8. Same weight values, half their bytes, and with the bias
+  snap the same exactness as int8 storage.
+* **Shared quantization vectors.** Every file is re-serialized so that equal scale and
+  zero-point vectors are stored once (`_serialize`): the zero points are all 0, and the
+  converter's one vector per tensor cost 12 bytes per channel twice (weight and bias).
 * **Per-tensor activations (exact).** A k-bit activation with clips `[l', u']` and step `s` is
   emitted as 8-bit fake-quant over `[l', l' + 255 s]` (same step, same origin: the zero point is
   the same integer) followed by `minimum(., u')`; `u'` is on the grid, so clamping after
@@ -268,9 +272,9 @@ def _bake_weights(layer, bn_layer, quantized: bool,
         # At 2 bits the bias's own rounding (up to s_in * s / 2) is otherwise a sixth of an
         # output step and moved 9% of a trained model's first depthwise outputs to the next
         # level (measured, docs/results.md).
-        # With int4 storage the spread is limited to int4's [-8, 7]: K = 2 at 2 bits instead
-        # of 42, a 21x coarser bias grid; the price of half the weight bytes.
-        storage = "int4" if weight_storage == "int4" and \
+        # With int4 storage the spread is limited to int4's [-8, 7]: K = 2 or 3 at 2 bits
+        # instead of 42, a coarser bias grid (the bias snap makes Keras add the same bias).
+        storage = "int4" if weight_storage == "int4" and _runs_int4_exactly(inner) and \
             _INT4_MIN <= integers.min() and integers.max() <= _INT4_MAX else "int8"
         limit = _INT4_MAX if storage == "int4" else _INT8_MAX
         largest = np.abs(integers.reshape(-1, out_channels)).max(axis=0)
@@ -678,11 +682,12 @@ def _convert(baked: Bake, input_type: str = "float32", output_type: str = "float
     elif (input_type, output_type) != ("float32", "float32"):
         raise ExportError("a float export has float32 input and output")
     try:
-        return converter.convert()
+        content = converter.convert()
     except Exception as error:  # the converter raises several unrelated types
         first = str(error).strip().splitlines()
         raise ExportError(f"the TFLite converter refused the baked model: "
                           f"{first[0] if first else type(error).__name__}") from error
+    return _compact(content)
 
 
 def _writable(output_path) -> pathlib.Path:
@@ -780,29 +785,110 @@ def _flatbuffer(content: bytes):
 
 
 def _serialize(model) -> bytes:
+    """The flatbuffer of `model` (schema object API) with every quantization parameter
+    vector stored once: tensors whose scales or zero points are equal point at one copy.
+
+    The converter writes a scale (float32) and a zero point (int64) per channel for every
+    per-channel weight *and* its bias, each its own vector: 12 bytes a channel, twice. In a
+    MobileNetV2 most of those channels have few weights (a depthwise channel has 9), so the
+    parameters were 23% of a 2-bit file (224 kB of 992 kB). The zero points are all 0, and
+    a flatbuffer table may point at any vector already written, so one zero vector per
+    channel count serves every tensor (TFLite requires as many zero points as scales)."""
     # pylint: disable-next=import-outside-toplevel
-    from tensorflow.lite.tools import flatbuffer_utils
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    import flatbuffers
+    schema = _schema()
+    shared = {}
+
+    def vector(kind, values, start, prepend, builder):
+        key = (kind, tuple(values))
+        if key not in shared:
+            start(builder, len(values))
+            for value in reversed(values):
+                prepend(value)
+            shared[key] = builder.EndVector()
+        return shared[key]
+
+    class SharedQuantizationParameters(schema.QuantizationParametersT):
+        """`QuantizationParametersT.Pack` with scale and zero-point vectors shared."""
+
+        def Pack(self, builder):  # pylint: disable=invalid-name  (flatbuffers' name)
+            if self.details is not None:                   # custom quantization: as is
+                return super().Pack(builder)
+            offsets = {}
+            if self.scale is not None:
+                offsets["scale"] = vector(
+                    "scale", [float(v) for v in np.asarray(self.scale, np.float32)],
+                    schema.QuantizationParametersStartScaleVector, builder.PrependFloat32,
+                    builder)
+            if self.zeroPoint is not None:
+                offsets["zero_point"] = vector(
+                    "zero_point", [int(v) for v in self.zeroPoint],
+                    schema.QuantizationParametersStartZeroPointVector, builder.PrependInt64,
+                    builder)
+            for name in ("min", "max"):
+                values = getattr(self, name)
+                if values is not None:
+                    offsets[name] = builder.CreateNumpyVector(np.asarray(values, np.float32))
+            schema.QuantizationParametersStart(builder)
+            for name, add in (("min", schema.QuantizationParametersAddMin),
+                              ("max", schema.QuantizationParametersAddMax),
+                              ("scale", schema.QuantizationParametersAddScale),
+                              ("zero_point", schema.QuantizationParametersAddZeroPoint)):
+                if name in offsets:
+                    add(builder, offsets[name])
+            schema.QuantizationParametersAddDetailsType(builder, self.detailsType)
+            schema.QuantizationParametersAddQuantizedDimension(builder,
+                                                               self.quantizedDimension)
+            return schema.QuantizationParametersEnd(builder)
+
+    params = [tensor.quantization for subgraph in model.subgraphs
+              for tensor in subgraph.tensors if tensor.quantization is not None]
+    for entry in params:
+        entry.__class__ = SharedQuantizationParameters
+    try:
+        builder = flatbuffers.Builder(1024)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    finally:                                    # `model` is the caller's: leave it as it was
+        for entry in params:
+            entry.__class__ = schema.QuantizationParametersT
+    return bytes(builder.Output())
+
+
+def _compact(content: bytes) -> bytes:
+    """`content` re-serialized with its quantization vectors shared (`_serialize`): the same
+    model, byte for byte the same tensors, fewer bytes."""
+    return _serialize(_flatbuffer(content))
+
+
+def _schema():
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.python import schema_py_generated as schema
+    return schema
 
 
 def _tensor_types():
-    # pylint: disable-next=import-outside-toplevel
-    from tensorflow.lite.python import schema_py_generated as schema
-    return schema.TensorType
+    return _schema().TensorType
 
 
-def _weight_ops(model):
-    """`(op name, filter tensor, bias tensor or None)` of every Conv2D, DepthwiseConv2D and
-    FullyConnected op."""
+def _weight_op_entries(model):
+    """`(subgraph, op, op name)` of every Conv2D, DepthwiseConv2D and FullyConnected op with
+    a filter."""
     # pylint: disable-next=import-outside-toplevel
     from tensorflow.lite.tools import flatbuffer_utils
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
             if name in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
-                bias = subgraph.tensors[op.inputs[2]] \
-                    if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
-                yield name, subgraph.tensors[op.inputs[1]], bias
+                yield subgraph, op, name
+
+
+def _weight_ops(model):
+    """`(op name, filter tensor, bias tensor or None)` of every Conv2D, DepthwiseConv2D and
+    FullyConnected op."""
+    for subgraph, op, name in _weight_op_entries(model):
+        bias = subgraph.tensors[op.inputs[2]] \
+            if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+        yield name, subgraph.tensors[op.inputs[1]], bias
 
 
 def _tensor_name(tensor) -> str:
@@ -824,28 +910,87 @@ def _unpack_int4(packed, count: int) -> np.ndarray:
     return np.where(nibbles > _INT4_MAX, nibbles - 16, nibbles).astype(np.int8)
 
 
-def pack_int4_weights(model_path_or_bytes) -> tuple[bytes, int]:
-    """Stores every int8 Conv2D/DepthwiseConv2D/FullyConnected filter whose values all lie in
-    int4's `[-8, 7]` as a packed int4 tensor (half the bytes, same values, same scales).
+def _runs_int4_exactly(inner) -> bool:
+    """Whether the file can hold `inner`'s filter as int4 and still compute what Keras does:
+    a Dense layer, or a 1x1 stride-1 Conv2D (`pack_int4_weights` writes it as a
+    FULLY_CONNECTED). XNNPACK, LiteRT's default CPU path, runs int4 filters only in
+    FULLY_CONNECTED; an int4 CONV_2D or DEPTHWISE_CONV_2D falls back to TFLite's builtin
+    kernels, whose requantization rounds differently (measured: the int4 file of a trained
+    2-bit run agreed with Keras on 35% of images, docs/results.md)."""
+    if isinstance(inner, keras.layers.Dense):
+        return True
+    return (type(inner) is keras.layers.Conv2D  # pylint: disable=unidiomatic-typecheck
+            and tuple(inner.kernel_size) == (1, 1) and tuple(inner.strides) == (1, 1)
+            and getattr(inner, "groups", 1) == 1)
 
-    The converter (TF 2.21) writes int8 filters whatever the fake-quant's bits; TFLite's
-    kernels for these three ops take int4 filters with int8 activations. Returns the new
-    flatbuffer and the number of tensors packed.
+
+# The FULLY_CONNECTED version for int8 inputs with int4 filters (TFLite's op_version.cc).
+_FULLY_CONNECTED_INT4_VERSION = 10
+
+
+def pack_int4_weights(model_path_or_bytes) -> tuple[bytes, int]:
+    """Stores every FULLY_CONNECTED filter, and every 1x1 stride-1 CONV_2D filter, whose values
+    all lie in int4's `[-8, 7]` as a packed int4 tensor (half the bytes, same values, same
+    scales). Such a CONV_2D becomes a FULLY_CONNECTED with `keep_num_dims` over the channel
+    axis: the same arithmetic (its `[out, 1, 1, in]` filter is the `[out, in]` matrix),
+    and the op XNNPACK runs with int4 filters; measured bit-equal to the int8 CONV_2D with
+    XNNPACK and with the builtin kernels. DEPTHWISE_CONV_2D and larger CONV_2D filters stay
+    int8 (`_runs_int4_exactly`).
+
+    The converter (TF 2.21) writes int8 filters whatever the fake-quant's bits. Returns the
+    new flatbuffer and the number of tensors packed.
     """
     model = _flatbuffer(_content(model_path_or_bytes))
-    types = _tensor_types()
+    schema = _schema()
     users = collections.Counter(t.buffer for sg in model.subgraphs for t in sg.tensors)
+    int4_code = None
     packed = 0
-    for _, tensor, _ in _weight_ops(model):
+    for subgraph, op, name in _weight_op_entries(model):
+        tensor = subgraph.tensors[op.inputs[1]]
         buffer = model.buffers[tensor.buffer]
-        if tensor.type != types.INT8 or buffer.data is None or users[tensor.buffer] != 1:
+        if tensor.type != schema.TensorType.INT8 or buffer.data is None or \
+                users[tensor.buffer] != 1:
+            continue
+        if name == "CONV_2D":
+            options = op.builtinOptions
+            if list(tensor.shape[1:3]) != [1, 1] or (options.strideH, options.strideW) != \
+                    (1, 1):
+                continue
+        elif name != "FULLY_CONNECTED":
             continue
         values = np.frombuffer(bytes(buffer.data), np.int8)
-        if values.size and _INT4_MIN <= values.min() and values.max() <= _INT4_MAX:
-            buffer.data = _pack_int4(values)
-            tensor.type = types.INT4
-            packed += 1
+        if not values.size or values.min() < _INT4_MIN or values.max() > _INT4_MAX:
+            continue
+        if int4_code is None:
+            code = schema.OperatorCodeT()
+            code.builtinCode = code.deprecatedBuiltinCode = \
+                schema.BuiltinOperator.FULLY_CONNECTED
+            code.version = _FULLY_CONNECTED_INT4_VERSION
+            model.operatorCodes.append(code)
+            int4_code = len(model.operatorCodes) - 1
+        if name == "CONV_2D":
+            fully_connected = schema.FullyConnectedOptionsT()
+            fully_connected.fusedActivationFunction = op.builtinOptions.fusedActivationFunction
+            fully_connected.keepNumDims = True
+            op.builtinOptionsType = schema.BuiltinOptions.FullyConnectedOptions
+            op.builtinOptions = fully_connected
+            tensor.shape = np.array([tensor.shape[0], tensor.shape[3]], np.int32)
+        op.opcodeIndex = int4_code
+        buffer.data = _pack_int4(values)
+        tensor.type = schema.TensorType.INT4
+        packed += 1
+    _drop_unused_operator_codes(model)
     return _serialize(model), packed
+
+
+def _drop_unused_operator_codes(model):
+    """Removes operator codes no operator uses (a rewrite may leave CONV_2D's behind)."""
+    used = sorted({op.opcodeIndex for sg in model.subgraphs for op in sg.operators})
+    remap = {old: new for new, old in enumerate(used)}
+    model.operatorCodes = [model.operatorCodes[i] for i in used]
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            op.opcodeIndex = remap[op.opcodeIndex]
 
 
 def weight_tensors(model_path_or_bytes) -> list[dict]:
@@ -879,8 +1024,9 @@ def size_breakdown(model_path_or_bytes) -> dict:
 
     * `int8_tensors`, `int4_tensors`, `int32_tensors`, `float32_tensors`, `other_tensors`:
       constant tensor data (weights are int8 or packed int4, biases int32 in an int8 file);
-    * `quantization_parameters`: every tensor's scales (float32) and zero points (int64, as
-      the flatbuffer stores them): per channel for the weights *and* their biases;
+    * `quantization_parameters`: the scales (float32) and zero points (int64, as the
+      flatbuffer stores them), per channel for the weights *and* their biases, each
+      distinct vector once (`_serialize` shares equal ones);
     * `graph_and_metadata`: the rest (operators, tensor names, shapes, signatures).
 
     The parts sum to the file's size (the last is the remainder).
@@ -891,14 +1037,10 @@ def size_breakdown(model_path_or_bytes) -> dict:
     names = {types.INT8: "int8_tensors", types.INT4: "int4_tensors",
              types.INT32: "int32_tensors", types.FLOAT32: "float32_tensors"}
     parts = collections.Counter()
+    parts["quantization_parameters"] = _stored_quantization_bytes(content)
     counted = set()
     for subgraph in model.subgraphs:
         for tensor in subgraph.tensors:
-            params = tensor.quantization
-            if params is not None:
-                parts["quantization_parameters"] += \
-                    4 * len(params.scale if params.scale is not None else []) + \
-                    8 * len(params.zeroPoint if params.zeroPoint is not None else [])
             data = model.buffers[tensor.buffer].data if tensor.buffer else None
             if data is not None and len(data) and tensor.buffer not in counted:
                 counted.add(tensor.buffer)
@@ -908,6 +1050,27 @@ def size_breakdown(model_path_or_bytes) -> dict:
         "quantization_parameters")}
     result["graph_and_metadata"] = len(content) - sum(result.values())
     return result
+
+
+def _stored_quantization_bytes(content: bytes) -> int:
+    """Bytes of the scale and zero-point vectors a file stores, each stored vector once
+    however many tensors point at it (read where the vectors lie, not what they hold)."""
+    schema = _schema()
+    root = schema.Model.GetRootAs(content, 0)
+    positions = {}
+    for g in range(root.SubgraphsLength()):
+        subgraph = root.Subgraphs(g)
+        for t in range(subgraph.TensorsLength()):
+            params = subgraph.Tensors(t).Quantization()
+            if params is None:
+                continue
+            table = params._tab  # pylint: disable=protected-access
+            # vtable slots of QuantizationParameters.scale (float32) and .zero_point (int64)
+            for slot, width in ((8, 4), (10, 8)):
+                field = table.Offset(slot)
+                if field:
+                    positions[table.Vector(field)] = width * table.VectorLen(field)
+    return sum(positions.values())
 
 
 def _layer_for_tensor(tensor_name: str, layer_names) -> str | None:
