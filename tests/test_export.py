@@ -140,6 +140,25 @@ def test_without_bias_snap_the_model_is_untouched(tmp_path):
         np.testing.assert_array_equal(before, after.numpy())
 
 
+def test_bias_snap_refuses_another_model_s_file_and_changes_nothing(tmp_path):
+    """A file whose layers have other channel counts than the model's (here the logits: 4
+    classes in the file, 3 in the model) is refused by name, and the model keeps every
+    weight, including the layers checked before the mismatch was found."""
+    exported = _quantized_tiny(2, "per_layer", trained_like=True)
+    path = export.export_tflite(exported, tmp_path / "m.tflite", input_mean=MEAN,
+                                input_std=STD, verbose=False, float_reference=False,
+                                snap_biases=False)
+    tf.random.set_seed(0)
+    other = tfacd.quantize_model(_trained_like(tiny_cnn(num_classes=3), seed=1),
+                                 weight_bits=2, activation_bits=2, granularity="per_layer")
+    tfacd.calibrate(other, ((_pixels(64, seed=1) - MEAN) / STD).astype("float32"))
+    weights = [w.numpy() for w in other.weights]
+    with pytest.raises(export.ExportError, match="quant_logits.*not this model's export"):
+        export.snap_biases_to_file(other, path)
+    for before, after in zip(weights, other.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
 def test_input_normalization_equals_the_input_quantizer_on_every_pixel_value(tmp_path):
     """The file's normalization + input quantization gives Keras's integer for all 256 values
     of every channel (with w = 127 and a rounded bias, some land one step off)."""

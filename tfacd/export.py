@@ -1143,7 +1143,7 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     model = _flatbuffer(content)
     names = [layer.name for layer in qat_model.layers]
     folded = _batch_norm_folds(qat_model)
-    shifts = {}
+    shifts, moves = {}, []
     for _, filter_tensor, bias_tensor in _weight_ops(model):
         name = _layer_for_tensor(_tensor_name(filter_tensor), names)
         if name is None or bias_tensor is None:
@@ -1177,8 +1177,12 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
             raise ExportError(f"{name}: no bias or BatchNormalization beta to snap")
         else:
             continue
-        variable.assign((variable.numpy().astype(np.float64) + change).astype(np.float32))
+        moves.append((variable, change))
         shifts[name] = float(np.max(np.abs(delta) / grid)) if delta.size else 0.0
+    # Only once every layer has been checked: a file that is not this model's export raises
+    # above and leaves the model as it was.
+    for variable, change in moves:
+        variable.assign((variable.numpy().astype(np.float64) + change).astype(np.float32))
     return shifts
 
 
