@@ -7,8 +7,9 @@ Usage:
 Both files are run by the same LiteRT interpreter build with the same settings (`--threads`,
 XNNPACK on, as users get it by default), on the same random pixels, alternating rounds so that
 machine noise hits both alike. Without `--model_dir` the script quantizes an untrained
-MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`, `--weight_storage`,
-calibrated on random pixels):
+MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`,
+`--activation_granularity`, `--symmetric_weights`, `--weight_storage`, calibrated on random
+pixels):
 latency does not depend on the weights' values.
 """
 
@@ -61,7 +62,9 @@ def build_files(args, folder: pathlib.Path):
     pixels = np.random.default_rng(0).integers(0, 256, (64, *shape)).astype("float32")
     mean, std = np.full(3, 127.5), np.full(3, 64.0)
     qat = tfacd.quantize_model(model, weight_bits=args.bits, activation_bits=args.bits,
-                               granularity=args.granularity)
+                               granularity=args.granularity,
+                               activation_granularity=args.activation_granularity or None,
+                               symmetric_weights=args.symmetric_weights)
     tfacd.calibrate(qat, (pixels - mean) / std)
     int8 = export.export_tflite(qat, folder / "int8.tflite", input_mean=mean, input_std=std,
                                 input_type="uint8", float_reference=False, verbose=False,
@@ -78,6 +81,11 @@ def main():
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--granularity", default="per_channel",
                         choices=("per_channel", "per_layer"))
+    parser.add_argument("--activation_granularity", default="",
+                        choices=("", "per_channel", "per_layer"),
+                        help="the fresh model's activations, when unlike its weights")
+    parser.add_argument("--symmetric_weights", action="store_true",
+                        help="the fresh model's weights on the symmetric grid (int4 at 4 bits)")
     parser.add_argument("--weight_storage", default="int8", choices=("int8", "int4"),
                         help="weight storage of the fresh model's file (without --model_dir)")
     parser.add_argument("--threads", type=int, default=1)
@@ -91,12 +99,14 @@ def main():
         for _ in range(args.rounds):
             float_times.append(latency(float_file, pixels, args.threads, args.repeats))
             int8_times.append(latency(int8, pixels, args.threads, args.repeats))
-        int8_size, float_size = pathlib.Path(int8).stat().st_size, float_file.stat().st_size
+        int8_bytes = pathlib.Path(int8).read_bytes()
+        int8_size, float_size = len(int8_bytes), float_file.stat().st_size
     best_int8, best_float = min(int8_times), min(float_times)
     print(f"interpreter: ai_edge_litert, XNNPACK default delegate, {args.threads} thread(s), "
           f"batch 1, best of {args.rounds} rounds x {args.repeats} invokes")
     print(f"float TFLite: {best_float * 1e3:8.3f} ms/image   {float_size:,} bytes")
-    label = "int4" if args.weight_storage == "int4" and not args.model_dir else "int8"
+    # The file's own storage (a run's model.tflite may be an int4 export).
+    label = "int4" if export.size_breakdown(int8_bytes)["int4_tensors"] else "int8"
     print(f"{label} TFLite:  {best_int8 * 1e3:8.3f} ms/image   {int8_size:,} bytes")
     print(f"{label} / float latency: {best_int8 / best_float:.3f}x   "
           f"size: {int8_size / float_size:.3f}x")

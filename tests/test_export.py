@@ -37,12 +37,13 @@ def _trained_like(model, seed=0):
 
 
 def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False,
-                    activation_granularity=None):
+                    activation_granularity=None, symmetric_weights=False):
     tf.random.set_seed(0)
     float_model = _trained_like(tiny_cnn()) if trained_like else tiny_cnn()
     model = tfacd.quantize_model(float_model, weight_bits=bits, activation_bits=bits,
                                  granularity=granularity, first_last_bits=first_last_bits,
-                                 activation_granularity=activation_granularity)
+                                 activation_granularity=activation_granularity,
+                                 symmetric_weights=symmetric_weights)
     tfacd.calibrate(model, ((_pixels(64, seed=1) - MEAN) / STD).astype("float32"))
     return model
 
@@ -355,27 +356,44 @@ def test_int4_packing_keeps_every_integer(tmp_path):
     assert len(packed) < len(unpacked)
 
 
-def test_int4_storage_export_is_exact(tmp_path):
-    """Per-channel 2-bit weights stored as int4, per-tensor activations, trained-like biases:
-    after the bias snap the file's logits equal the Keras model's bit for bit, as with int8
-    storage (the XNNPACK FULLY_CONNECTED kernel requantizes like the CONV_2D one)."""
-    model = _quantized_tiny(2, "per_channel", trained_like=True,
-                            activation_granularity="per_layer")
+@pytest.mark.parametrize("bits,symmetric_weights", [(2, False), (4, True)])
+def test_int4_storage_export_is_exact(tmp_path, bits, symmetric_weights):
+    """Per-channel 2-bit weights (or 4-bit ones on the symmetric grid) stored as int4,
+    per-tensor activations, trained-like biases: after the bias snap the file's logits equal
+    the Keras model's bit for bit, as with int8 storage (the XNNPACK FULLY_CONNECTED kernel
+    requantizes like the CONV_2D one)."""
+    model = _quantized_tiny(bits, "per_channel", trained_like=True,
+                            activation_granularity="per_layer",
+                            symmetric_weights=symmetric_weights)
     pixels = _pixels()
     path = export.export_tflite(model, tmp_path / "int4.tflite", input_mean=MEAN,
                                 input_std=STD, data=pixels, verbose=False,
-                                weight_storage="int4")
+                                weight_storage="int4", float_reference=False)
     report = json.loads(path.with_name("int4_report.json").read_text())
     assert {name: (w["op"], w["storage"]) for name, w in report["weights"].items()} == {
         "input_normalization": ("DEPTHWISE_CONV_2D", "int8"),
         "quant_conv": ("CONV_2D", "int8"), "quant_dw": ("DEPTHWISE_CONV_2D", "int8"),
         "quant_project": ("FULLY_CONNECTED", "int4"), "quant_logits": ("CONV_2D", "int8")}
     assert report["all_weight_zero_points_zero"] and report["all_distinct_within_2^bits"]
+    assert report["weights"]["quant_project"]["weight_bits"] == bits
     assert report["options"]["weight_storage"] == "int4"
     assert report["fidelity"]["max_logit_difference"] == 0.0
     assert report["fidelity"]["top1_agreement"] == 1.0
     with pytest.raises(export.ExportError, match="weight_storage"):
         export.export_tflite(model, tmp_path / "x.tflite", weight_storage="int2")
+
+
+def test_int4_storage_of_asymmetric_4bit_weights_warns_and_stays_int8(tmp_path):
+    """A 4-bit asymmetric grid `[-z, 15 - z]` leaves int4's range: the file is still right,
+    stored int8, and the warning names the option that makes 4-bit weights fit."""
+    model = _quantized_tiny(4, "per_channel", trained_like=True,
+                            activation_granularity="per_layer")
+    with pytest.warns(UserWarning, match="symmetric_weights=True"):
+        path = export.export_tflite(model, tmp_path / "a.tflite", input_mean=MEAN,
+                                    input_std=STD, verbose=False, weight_storage="int4",
+                                    float_reference=False)
+    report = json.loads(path.with_name("a_report.json").read_text())
+    assert {w["storage"] for w in report["weights"].values()} == {"int8"}
 
 
 def test_quantization_vectors_are_stored_once(tmp_path):

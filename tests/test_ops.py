@@ -96,13 +96,36 @@ def _central_differences(loss, lower, upper, h=1e-6):
     return grads
 
 
-def _symmetric_surrogate(x, lower, upper, residual):
-    """`q~ = s (x_c / s + c)` with the residual `c = round(v) - v` frozen, s = max|clip| / 127."""
-    scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
+def test_symmetric_4bit_grid_fits_int4_and_keeps_the_clips():
+    # The opt-in symmetric grid below 8 bits: at 4 bits every level is an integer in
+    # [-7, 7] (int4 storage), at most 15 levels, and values stay inside each channel's clips.
+    lower = np.array([-0.9, -0.4, -3.0, 0.0], "float32")
+    upper = np.array([0.7, 1.2, 2.5, 0.8], "float32")
+    x = np.random.default_rng(5).uniform(-4, 4, size=(4000, 4)).astype("float32")
+    q = ops.quantize_forward(x, lower, upper, 4, -1, symmetric_step=True).numpy()
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / 7
+    index = q / scale
+    np.testing.assert_allclose(index, np.round(index), atol=1e-4)
+    assert np.abs(np.round(index)).max() == 7
+    assert all(len(np.unique(np.round(index[:, c]))) <= 15 for c in range(4))
+    assert np.all(q >= lower - scale / 2 - 1e-6) and np.all(q <= upper + scale / 2 + 1e-6)
+    assert np.all(np.abs(q - np.clip(x, lower, upper)) <= scale / 2 + 1e-6)
+    # The asymmetric 4-bit grid of the same clips does leave int4's range.
+    plain = ops.quantize_forward(x, lower, upper, 4, -1).numpy()
+    plain_step = np.asarray(ops.grid_step(*ops.effective_clips(lower, upper, 4), 4))
+    assert np.round(plain / plain_step).max() > 7
+    np.testing.assert_allclose(
+        ops.fake_quant(x, lower, upper, 4, -1, symmetric_step=True).numpy(), q, atol=1e-6)
+
+
+def _symmetric_surrogate(x, lower, upper, residual, limit):
+    """`q~ = s (x_c / s + c)` with the residual `c = round(v) - v` frozen, s = max|clip| / L."""
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / limit
     return scale * (np.clip(x, lower, upper) / scale + residual)
 
 
-def test_symmetric_step_clip_gradients_match_finite_differences():
+@pytest.mark.parametrize("bits,limit", [(8, 127), (4, 7)])
+def test_symmetric_step_clip_gradients_match_finite_differences(bits, limit):
     rng = np.random.default_rng(11)
     x = rng.normal(size=(256, 3)) * [0.5, 1.0, 2.0]
     weights = rng.normal(size=x.shape)
@@ -110,16 +133,17 @@ def test_symmetric_step_clip_gradients_match_finite_differences():
     upper = np.array([0.7, 1.2, 2.5])
     lo_v, hi_v = tf.Variable(lower, dtype=tf.float32), tf.Variable(upper, dtype=tf.float32)
     with tf.GradientTape() as tape:
-        q = ops.fake_quant(tf.constant(x, tf.float32), lo_v, hi_v, 8, axis=-1,
+        q = ops.fake_quant(tf.constant(x, tf.float32), lo_v, hi_v, bits, axis=-1,
                            symmetric_step=True)
         loss = tf.reduce_sum(q * weights)
     analytic = [g.numpy() for g in tape.gradient(loss, [lo_v, hi_v])]
-    scale = np.maximum(np.abs(lower), np.abs(upper)) / 127
+    scale = np.maximum(np.abs(lower), np.abs(upper)) / limit
     v = np.clip(x, lower, upper) / scale
     inside = (x >= lower) & (x <= upper)
     residual = np.where(inside, np.floor(v + 0.5) - v, 0.0)
     numeric = _central_differences(
-        lambda lo, hi: np.sum(weights * _symmetric_surrogate(x, lo, hi, residual)), lower, upper)
+        lambda lo, hi: np.sum(weights * _symmetric_surrogate(x, lo, hi, residual, limit)),
+        lower, upper)
     for a, n in zip(analytic, numeric):
         np.testing.assert_allclose(a, n, rtol=2e-3, atol=2e-4)
 

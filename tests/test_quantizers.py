@@ -45,7 +45,8 @@ def test_build_rejects_a_missing_axis():
     (dict(num_bits=1), "1"), (dict(num_bits=2, kind="bias"), "bias"),
     (dict(num_bits=2, gradient="ste"), "ste"), (dict(num_bits=2, init_method="kl"), "kl"),
     (dict(num_bits=2, sqnr_loss_weight=-1), "-1"),
-    (dict(num_bits=2, range_momentum=1.0), "1.0")])
+    (dict(num_bits=2, range_momentum=1.0), "1.0"),
+    (dict(num_bits=4, symmetric_grid=True), "activation")])
 def test_bad_arguments_raise_naming_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClipQuantizer(**kwargs)
@@ -61,6 +62,22 @@ def test_config_round_trips_through_keras_and_tfmot_scope():
         restored = keras.utils.deserialize_keras_object(serialized)
     assert restored == quantizer
     assert isinstance(quantizer, tfmot.quantization.keras.quantizers.Quantizer)
+    symmetric = ClipQuantizer(4, kind="weight", symmetric_grid=True)
+    assert ClipQuantizer.from_config(symmetric.get_config()) == symmetric != \
+        ClipQuantizer(4, kind="weight")
+
+
+def test_symmetric_grid_is_opt_in_below_8_bits():
+    """8-bit weights always take int8's symmetric grid; below 8 bits only with
+    `symmetric_grid` (which `QuantizeScheme(symmetric_weights=True)` sets on weights)."""
+    assert ClipQuantizer(8, kind="weight").symmetric_step
+    assert not ClipQuantizer(4, kind="weight").symmetric_step
+    assert ClipQuantizer(4, kind="weight", symmetric_grid=True).symmetric_step
+    assert not ClipQuantizer(8, kind="activation").symmetric_step
+    scheme = tfacd.QuantizeScheme(weight_bits=4, activation_bits=4, symmetric_weights=True)
+    assert scheme.make_quantizer(4, "weight").symmetric_step
+    assert not scheme.make_quantizer(4, "activation").symmetric_step
+    assert scheme.get_config()["symmetric_weights"] is True
 
 
 def test_first_call_initializes_from_data_and_tracks_the_range():

@@ -294,3 +294,16 @@ def test_qat_without_a_validation_split(folder, float_run, tmp_path):
     assert results["val_accuracy"] is None and results["num_val"] == 0
     assert results["test_accuracy"] is not None
     assert len(results["history"]["mean_sqnr_db"]) == 1
+
+
+def test_symmetric_weights_setting_reaches_every_sub_8_bit_weight_quantizer():
+    """`--symmetric_weights` (config key `symmetric_weights`) builds the run's scheme with
+    symmetric weight grids: every 4-bit weight quantizer, no activation quantizer."""
+    from tests.conftest import tiny_cnn  # pylint: disable=import-outside-toplevel
+    from tfacd import config as config_lib, quantizers, train  # pylint: disable=import-outside-toplevel
+    config = config_lib.ExperimentConfig(weight_bits=4, activation_bits=4,
+                                         symmetric_weights=True).validate()
+    found = {(q.kind, q.num_bits, q.symmetric_step)
+             for _, _, q, _ in quantizers.iter_quantizers(train.quantize(config, tiny_cnn()))}
+    assert ("weight", 4, True) in found and ("weight", 4, False) not in found
+    assert {step for kind, _, step in found if kind == "activation"} == {False}

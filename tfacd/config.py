@@ -50,6 +50,7 @@ class ExperimentConfig:
     acd_upper_strength: float = 0.01
     acd_schedule: str = "cosine"
     sqnr_weight: float = 0.0
+    symmetric_weights: bool = False      # symmetric weight grids below 8 bits (int4 at 4 bits)
     tfmot_default: bool = False          # tfmot's own 8-bit QAT instead of tfacd's scheme
     epochs: int = 1
     batch_size: int = 128
@@ -70,7 +71,8 @@ class ExperimentConfig:
     export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
     activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
-    weight_storage: str = "int8"         # TFLite weights: int8, or int4 (2-3 bit 1x1/Dense layers)
+    weight_storage: str = "int8"         # TFLite weights: int8, or int4 (1x1/Dense layers, 2-3
+                                         # bit, or 4 bit with symmetric_weights)
     snap_biases: bool = True             # export: move the model's biases onto the file's grid
 
     def validate(self) -> "ExperimentConfig":

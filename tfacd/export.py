@@ -28,9 +28,10 @@ What the bake does, and what is exact
   accuracy moves by the bias rounding's effect (the report gives it before and after).
 * **Weight storage.** int8 by default. `weight_storage="int4"` stores the filters of
   Dense layers and 1x1 stride-1 Conv2Ds (93% of a 2-bit MobileNetV2-CIFAR's weights) as
-  packed int4 wherever their integers fit `[-8, 7]` (2- and 3-bit weights; a 4-bit channel
-  only if its grid is `[-8, 7]` exactly), with the spread `K = floor(7 / max |m|)` (2 or 3
-  at 2 bits). `pack_int4_weights` writes each such Conv2D as a FULLY_CONNECTED over the channel
+  packed int4 wherever their integers fit `[-8, 7]` (2- and 3-bit weights, and 4-bit weights
+  trained on the symmetric grid, `QuantizeScheme(symmetric_weights=True)`, `[-7, 7]`; an
+  asymmetric 4-bit channel only if its grid is `[-8, 7]` exactly), with the spread
+  `K = floor(7 / max |m|)` (2 or 3 at 2 bits, 1 at 4 bits). `pack_int4_weights` writes each such Conv2D as a FULLY_CONNECTED over the channel
   axis, because XNNPACK runs int4 filters only there; an int4 CONV_2D or DEPTHWISE_CONV_2D
   falls back to TFLite's builtin kernels, which round differently (below), so depthwise
   and k x k filters stay int8. Same weight values, half their bytes, and with the bias
@@ -80,6 +81,7 @@ import dataclasses
 import json
 import pathlib
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -1259,7 +1261,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
       batch_size: the file's fixed batch size (None: any; resized at run time).
       float_reference: also convert the float model of the same weights, for the size ratio.
       weight_storage: "int8" (default), or "int4": layers whose weights have at most 16
-        levels that fit `[-8, 7]` (2- and 3-bit layers) are stored as packed int4, half the
+        levels that fit `[-8, 7]` (2- and 3-bit layers; 4-bit ones trained with
+        `symmetric_weights=True`) are stored as packed int4, half the
         bytes, with a coarser bias grid (module docstring); the report says which.
       snap_biases: move `qat_model`'s biases (in place) onto the int32 grid the file stores
         them on (`snap_biases_to_file`), so that the model and the file compute the same
@@ -1280,7 +1283,13 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                  weight_storage=weight_storage)
     content = _convert(baked, input_type, output_type)
     if weight_storage == "int4":
-        content, _ = pack_int4_weights(content)
+        content, packed = pack_int4_weights(content)
+        if not packed:
+            # Not an error: the file is still right, only not smaller (e.g. 4-bit weights on
+            # the asymmetric grid, whose integers [-z, 15 - z] leave int4's range).
+            warnings.warn("weight_storage='int4' stored no filter as int4: no 1x1 or Dense "
+                          "layer's integers fit [-8, 7]; 4-bit weights need "
+                          "QuantizeScheme(symmetric_weights=True)", stacklevel=2)
     float_content = None
     if float_reference:
         float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,

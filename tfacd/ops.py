@@ -28,7 +28,14 @@ pass straight through it (`dl'/dl = du'/du = 1`).
 step from the larger clip instead, so that every level is an int8 integer in `[-127, 127]`,
 as TFLite's int8 weights (symmetric, zero point 0) require::
 
-    s = max(|l|, |u|) / 127,   q(x) = s * round(clip(x, l, u) / s)
+    s = max(|l|, |u|) / L,   q(x) = s * round(clip(x, l, u) / s),   L = 2^(b-1) - 1
+
+(`L = 127` at 8 bits.) The same grid at fewer bits is opt-in
+(`QuantizeScheme(symmetric_weights=True)`): at 4 bits its integers lie in `[-7, 7]`, which
+int4 storage holds (`tfacd.export.pack_int4_weights`) also after a batch-norm fold flips a
+channel's sign; the asymmetric 4-bit grid `[-z, 15 - z]` fits int4's `[-8, 7]` only for
+`z = 8`. It has `2L + 1` levels (15 at 4 bits, 3 at 2 bits), and a channel whose clips are
+one-sided uses only those on its side.
 
 Below 8 bits the nudged asymmetric grid's indices `[-z, n - z]` already lie inside
 `[-127, 127]`; at 8 bits it has 256 levels and int8's symmetric range 255, so a weight on level
@@ -45,7 +52,8 @@ Backward pass (LSQ+ style, the default)::
 
 With `symmetric_step` the inside-range term goes to the clip that sets the step,
 `(q - x) / max(|l|, |u|)` to `u` when `u >= -l`, its negative to `l` otherwise (LSQ's
-`dq/ds = round(x/s) - x/s`, times `ds/du` or `ds/dl`); the clipped terms are unchanged.
+`dq/ds = round(x/s) - x/s` times `ds/du = 1/L` or `ds/dl = -1/L`, at any `L`); the clipped
+terms are unchanged.
 
 Both clip gradients are multiplied by the LSQ gradient scale `g = 1 / sqrt(N * n)`, where
 `N` is the number of elements that share one clip (per sample, for activations). The
@@ -91,9 +99,6 @@ MAX_BITS = 8
 #: channels, constant depthwise filters), so no division by zero in forward or backward.
 MIN_RANGE = 1e-6
 
-#: The largest weight index TFLite's int8 weights hold (symmetric, zero point 0): the
-#: number of steps on each side of zero of a `symmetric_step` grid.
-INT8_WEIGHT_LIMIT = 127
 
 GRADIENTS = ("lsq", "pact")
 
@@ -195,15 +200,21 @@ def _plain_fake_quant(x, lower, upper, num_bits: int, axis: int | None,
     return lower + scale * tf.floor((clipped - lower) / scale + 0.5)
 
 
-def symmetric_scale(lower, upper):
-    """`s = max(|l|, |u|) / 127`, the step of a `symmetric_step` grid (> 0 since u - l > 0)."""
-    return tf.maximum(tf.abs(lower), tf.abs(upper)) / float(INT8_WEIGHT_LIMIT)
+def symmetric_limit(num_bits: int) -> int:
+    """`L = 2^(b-1) - 1`, the number of steps on each side of zero of a `symmetric_step` grid
+    (127 at 8 bits: TFLite's int8 weights, symmetric with zero point 0; 7 at 4 bits)."""
+    return 2 ** (check_bits(num_bits) - 1) - 1
+
+
+def symmetric_scale(lower, upper, limit):
+    """`s = max(|l|, |u|) / L`, the step of a `symmetric_step` grid (> 0 since u - l > 0)."""
+    return tf.maximum(tf.abs(lower), tf.abs(upper)) / limit
 
 
 def grid_step(lower, upper, num_bits: int, symmetric_step: bool = False):
     """The step `s` of the grid that effective clips `(l, u)` (`effective_clips`) define."""
     if symmetric_step:
-        return symmetric_scale(lower, upper)
+        return symmetric_scale(lower, upper, float(symmetric_limit(num_bits)))
     return (upper - lower) / float(num_levels(num_bits))
 
 
@@ -217,7 +228,8 @@ def _on_grid(x, lower, upper, levels, integer_zero_point, symmetric_step):
     """`q(x)` of the module docstring (inside the fused passes; `levels` is `n`)."""
     clipped = tf.minimum(tf.maximum(x, lower), upper)
     if symmetric_step:
-        scale = symmetric_scale(lower, upper)
+        # n = 2^b - 1 = 2L + 1.
+        scale = symmetric_scale(lower, upper, (levels - 1.0) * 0.5)
         return tf.floor(clipped * (1.0 / scale) + 0.5) * scale
     scale = (upper - lower) / levels
     # q = (k - z) s with z = -l / s: with a nudged l, z is an integer and zero maps to
@@ -263,7 +275,7 @@ def _fused_backward(x, dq, dnoise, lower, upper, levels, clip_axes, lsq,
     dl = tf.where(below, dclip, zeros)
     du = tf.where(above, dclip, zeros)
     if lsq and symmetric_step:
-        # s = max(|l|, |u|) / 127: only the clip that sets the step gets the rounding term.
+        # s = max(|l|, |u|) / L: only the clip that sets the step gets the rounding term.
         largest = tf.maximum(tf.abs(lower), tf.abs(upper))
         rounding = tf.where(inside, dclip * (q - x) / largest, zeros)
         upper_sets_step = tf.cast(upper >= -lower, tf.float32)
@@ -343,7 +355,8 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
       gradient: `"lsq"` (rounding-error term inside the range, LSQ+) or `"pact"` (clipped
         elements only).
       integer_zero_point: nudge the grid so zero is on it (needed by integer engines).
-      symmetric_step: the int8 weight grid, `s = max(|l|, |u|) / 127` (module docstring).
+      symmetric_step: the symmetric weight grid, `s = max(|l|, |u|) / (2^(b-1) - 1)` (module
+        docstring; int8's at 8 bits).
       grad_scale: multiplies the clip gradients (LSQ's `1 / sqrt(N * n)`).
       sqnr_axis: when given, also compute the mean per-channel SQNR (dB) along this axis.
         Its gradient reaches only the clips (through the same LSQ+/PACT terms), never `x`:

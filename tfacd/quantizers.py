@@ -82,7 +82,8 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
     for `x` inside `[l, u]`; LSQ+ (default) or PACT gradients for `l` and `u`, scaled by
     `1 / sqrt(N * (2^b - 1))` (see `tfacd.ops.fake_quant`). 8-bit weights use int8's grid
     instead, `q(x) = s * round(clip(x, l, u) / s)` with `s = max(|l|, |u|) / 127`
-    (`symmetric_step`), so that TFLite's symmetric int8 weights hold them exactly.
+    (`symmetric_step`), so that TFLite's symmetric int8 weights hold them exactly; with
+    `symmetric_grid` weights of any width do, `s = max(|l|, |u|) / (2^(b-1) - 1)`.
 
     State, created in `build` on the layer that owns the quantizer:
 
@@ -113,6 +114,9 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
       acd_pull: when True, `pull_lower * mean(relu(l-x)^2) + pull_upper * mean(relu(x-u)^2)`
         is added to the layer's losses in training (the "pull" reading of ACD).
       range_momentum: EMA momentum of the activation range statistics.
+      symmetric_grid: weights only; the symmetric grid `s = max(|l|, |u|) / (2^(b-1) - 1)`
+        at every width, not only at 8 bits: at 4 bits its integers fit int4 (`[-7, 7]`), so
+        `tfacd.export` can store the weights as int4. The clips stay asymmetric and learnable.
 
     Reference: Esser et al. 2020 (LSQ); Bhalgat et al. 2020 (LSQ+); Choi et al. 2018 (PACT).
     """
@@ -120,7 +124,8 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
     def __init__(self, num_bits: int, per_channel: bool = True, axis: int = -1,
                  kind: str = "activation", gradient: str = "lsq", init_method: str = "mse",
                  integer_zero_point: bool = True, sqnr_loss_weight: float = 0.0,
-                 acd_pull: bool = False, range_momentum: float = 0.9):
+                 acd_pull: bool = False, range_momentum: float = 0.9,
+                 symmetric_grid: bool = False):
         self.num_bits = ops.check_bits(num_bits)
         self.per_channel = bool(per_channel)
         self.axis = int(axis)
@@ -137,14 +142,20 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         if not 0.0 <= float(range_momentum) < 1.0:
             raise ValueError(f"range_momentum must be in [0, 1), got {range_momentum!r}")
         self.range_momentum = float(range_momentum)
+        if symmetric_grid and kind != "weight":
+            raise ValueError("symmetric_grid is for weight quantizers; activations keep the "
+                             f"asymmetric grid (kind={kind!r})")
+        self.symmetric_grid = bool(symmetric_grid)
         self._layer_ref = None
 
     @property
     def symmetric_step(self) -> bool:
         """8-bit weights use the int8 grid `s = max(|l|, |u|) / 127` (`tfacd.ops`): TFLite's
         int8 weights are symmetric with 255 levels, and an asymmetric 8-bit grid's 256th level
-        would be changed by the export. Below 8 bits the asymmetric grid fits int8 as it is."""
-        return self.kind == "weight" and self.num_bits == 8 and self.integer_zero_point
+        would be changed by the export. Below 8 bits the asymmetric grid fits int8 as it is;
+        `symmetric_grid` asks for the symmetric one there too (int4 storage at 4 bits)."""
+        return self.kind == "weight" and self.integer_zero_point and (
+            self.num_bits == 8 or self.symmetric_grid)
 
     @property
     def granularity(self) -> str:
@@ -241,6 +252,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             "sqnr_loss_weight": self.sqnr_loss_weight,
             "acd_pull": self.acd_pull,
             "range_momentum": self.range_momentum,
+            "symmetric_grid": self.symmetric_grid,
         }
 
     def __eq__(self, other):

@@ -72,6 +72,11 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
       acd_pull: build activation quantizers with the ACD "pull" penalty, driven by
         `tfacd.callbacks.ClipDecay(mode="pull")`.
       quantize_input: add an input quantizer after each model input.
+      symmetric_weights: weight grids symmetric around zero at every width,
+        `s = max(|l|, |u|) / (2^(b-1) - 1)` (8-bit weights always are; `tfacd.ops`). At 4 bits
+        this is what int4 storage needs (`export_tflite(..., weight_storage="int4")`): 15
+        levels in `[-7, 7]` instead of 16 placed by the clips. 2- and 3-bit grids fit int4
+        without it.
       unsupported_layers: "error" (raise, naming the layers) or "float" (leave them in float
         with a warning that names them); used by `tfacd.quantize_model`.
     """
@@ -82,7 +87,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
                  integer_zero_point: bool = True, acd_pull: bool = False,
                  quantize_input: bool = True, unsupported_layers: str = "error",
                  activation_granularity: str | None = None,
-                 activation_init_method: str | None = None):
+                 activation_init_method: str | None = None,
+                 symmetric_weights: bool = False):
         self.weight_bits = _checked_bits("weight_bits", weight_bits)
         self.activation_bits = _checked_bits("activation_bits", activation_bits)
         if granularity not in GRANULARITIES:
@@ -107,6 +113,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         self.integer_zero_point = bool(integer_zero_point)
         self.acd_pull = bool(acd_pull)
         self.quantize_input = bool(quantize_input)
+        self.symmetric_weights = bool(symmetric_weights)
         if unsupported_layers not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported_layers must be one of {UNSUPPORTED_POLICIES}, "
                              f"got {unsupported_layers!r}")
@@ -117,7 +124,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
             "weight_bits", "activation_bits", "granularity", "first_last_bits", "sqnr_weight",
             "gradient", "init_method", "integer_zero_point", "acd_pull", "quantize_input",
             "unsupported_layers", "activation_granularity",
-            "activation_init_method")}
+            "activation_init_method", "symmetric_weights")}
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -142,7 +149,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
             init_method=(self.activation_init_method or self.init_method
                          if kind == "activation" else self.init_method),
             integer_zero_point=self.integer_zero_point,
-            acd_pull=self.acd_pull and kind == "activation")
+            acd_pull=self.acd_pull and kind == "activation",
+            symmetric_grid=self.symmetric_weights and kind == "weight")
 
 
 def _checked_bits(name, value):

@@ -87,7 +87,8 @@ def quantize(config: ExperimentConfig, model):
         granularity=config.granularity, first_last_bits=config.first_last_bits,
         sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull",
         activation_granularity=config.activation_granularity or None,
-        activation_init_method=config.activation_init_method or None)
+        activation_init_method=config.activation_init_method or None,
+        symmetric_weights=config.symmetric_weights)
 
 
 def load_weights(model, prefix: str, what: str):
