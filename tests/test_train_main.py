@@ -300,7 +300,8 @@ def test_symmetric_weights_setting_reaches_every_sub_8_bit_weight_quantizer():
     """`--symmetric_weights` (config key `symmetric_weights`) builds the run's scheme with
     symmetric weight grids: every 4-bit weight quantizer, no activation quantizer."""
     from tests.conftest import tiny_cnn  # pylint: disable=import-outside-toplevel
-    from tfacd import config as config_lib, quantizers, train  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from tfacd import config as config_lib, quantizers, train
     config = config_lib.ExperimentConfig(weight_bits=4, activation_bits=4,
                                          symmetric_weights=True).validate()
     found = {(q.kind, q.num_bits, q.symmetric_step)

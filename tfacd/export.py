@@ -31,10 +31,10 @@ What the bake does, and what is exact
   packed int4 wherever their integers fit `[-8, 7]` (2- and 3-bit weights, and 4-bit weights
   trained on the symmetric grid, `QuantizeScheme(symmetric_weights=True)`, `[-7, 7]`; an
   asymmetric 4-bit channel only if its grid is `[-8, 7]` exactly), with the spread
-  `K = floor(7 / max |m|)` (2 or 3 at 2 bits, 1 at 4 bits). `pack_int4_weights` writes each such Conv2D as a FULLY_CONNECTED over the channel
-  axis, because XNNPACK runs int4 filters only there; an int4 CONV_2D or DEPTHWISE_CONV_2D
-  falls back to TFLite's builtin kernels, which round differently (below), so depthwise
-  and k x k filters stay int8. Same weight values, half their bytes, and with the bias
+  `K = floor(7 / max |m|)` (2 or 3 at 2 bits, 1 at 4 bits). `pack_int4_weights` writes each
+  such Conv2D as a FULLY_CONNECTED over the channel axis, because XNNPACK runs int4 filters
+  only there; an int4 CONV_2D or DEPTHWISE_CONV_2D falls back to TFLite's builtin kernels,
+  which round differently (below), so depthwise and k x k filters stay int8. Same weight values, half their bytes, and with the bias
   snap the same exactness as int8 storage.
 * **Shared quantization vectors.** Every file is re-serialized so that equal scale and
   zero-point vectors are stored once (`_serialize`): the zero points are all 0, and the
@@ -1262,8 +1262,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
       float_reference: also convert the float model of the same weights, for the size ratio.
       weight_storage: "int8" (default), or "int4": layers whose weights have at most 16
         levels that fit `[-8, 7]` (2- and 3-bit layers; 4-bit ones trained with
-        `symmetric_weights=True`) are stored as packed int4, half the
-        bytes, with a coarser bias grid (module docstring); the report says which.
+        `symmetric_weights=True`) are stored as packed int4, half the bytes, with a coarser
+        bias grid (module docstring); the report says which.
       snap_biases: move `qat_model`'s biases (in place) onto the int32 grid the file stores
         them on (`snap_biases_to_file`), so that the model and the file compute the same
         thing; the report's `fidelity` is then against the snapped model, and
