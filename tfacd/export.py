@@ -34,8 +34,8 @@ What the bake does, and what is exact
   `K = floor(7 / max |m|)` (2 or 3 at 2 bits, 1 at 4 bits). `pack_int4_weights` writes each
   such Conv2D as a FULLY_CONNECTED over the channel axis, because XNNPACK runs int4 filters
   only there; an int4 CONV_2D or DEPTHWISE_CONV_2D falls back to TFLite's builtin kernels,
-  which round differently (below), so depthwise and k x k filters stay int8. Same weight values, half their bytes, and with the bias
-  snap the same exactness as int8 storage.
+  which round differently (below), so depthwise and k x k filters stay int8. Same weight
+  values, half their bytes, and with the bias snap the same exactness as int8 storage.
 * **Shared quantization vectors.** Every file is re-serialized so that equal scale and
   zero-point vectors are stored once (`_serialize`): the zero points are all 0, and the
   converter's one vector per tensor cost 12 bytes per channel twice (weight and bias).
