@@ -23,7 +23,11 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
 import tfacd  # noqa: E402
+from tfacd import kernels  # noqa: E402
 from tfacd._keras import keras  # noqa: E402
+
+
+XLA_VARIANT = "tfacd per-channel W2A2 + ACD + SQNR, XLA"
 
 
 def build_variants(width: float, components: bool = False):
@@ -45,6 +49,11 @@ def build_variants(width: float, components: bool = False):
                                                granularity="per_layer"), []),
         "tfacd per-channel W2A2": (tfacd_variant(weight_bits=2, activation_bits=2), []),
         "tfacd per-channel W2A2 + ACD + SQNR": (
+            tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05),
+            [constant_decay]),
+        # The same model with the quantizers on the XLA functions instead of the C++ kernels
+        # (what tfacd falls back to without a compiler; TFACD_KERNELS=xla).
+        XLA_VARIANT: (
             tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05),
             [constant_decay]),
     }
@@ -77,13 +86,15 @@ def main():
         if args.only and name not in args.only.split(","):
             continue
         start = time.perf_counter()
-        model = make()
-        if name.startswith("tfacd"):
-            tfacd.calibrate(model, x[:32])
-        model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        callbacks = [make_callback() for make_callback in callback_types]
-        model.fit(data, steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks)
+        # The quantizers' kernels are fixed when the train step is traced (the warm-up fit).
+        with kernels.forced("xla" if name == XLA_VARIANT else "auto"):
+            model = make()
+            if name.startswith("tfacd"):
+                tfacd.calibrate(model, x[:32])
+            model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            callbacks = [make_callback() for make_callback in callback_types]
+            model.fit(data, steps_per_epoch=2, epochs=1, verbose=0, callbacks=callbacks)
         print(f"built+warmed {name} in {time.perf_counter() - start:.0f} s", flush=True)
         runs[name] = (model, callbacks, [])
 
@@ -96,7 +107,8 @@ def main():
 
     float_time = min(runs["float"][2]) if "float" in runs else None
     print(f"\nMobileNetV2-CIFAR width {args.width}, batch {args.batch_size}, 32x32, "
-          f"{args.rounds} rounds x {args.steps} steps, {os.cpu_count()} CPU cores")
+          f"{args.rounds} rounds x {args.steps} steps, {os.cpu_count()} CPU cores, "
+          f"tfacd quantizer kernels: {kernels.backend()}")
     print(f"{'variant':40s} {'s/step':>8s} {'img/s':>8s} {'x float':>8s}")
     for name, (_, _, times) in runs.items():
         best = min(times)

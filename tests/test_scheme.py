@@ -1,6 +1,8 @@
 """QuantizeScheme under tfmot's quantize_apply: placement, bits, training, round trips."""
 
 import collections
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -194,6 +196,20 @@ def test_checkpoint_and_savedmodel_round_trips_give_identical_outputs(tiny_model
     with tfacd.quantize_scope():
         loaded = keras.models.load_model(str(tmp_path / "saved"))
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), expected)
+
+    # SavedModel in a new process, which has not loaded tfacd's C++ ops: quantize_scope
+    # registers them (the saved graph names them).
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, tfacd\n"
+        "from tfacd._keras import keras\n"
+        "with tfacd.quantize_scope():\n"
+        "    model = keras.models.load_model(sys.argv[1])\n"
+        "np.save(sys.argv[2], model.predict(np.load(sys.argv[3]), verbose=0))\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "saved"),
+                    str(tmp_path / "y.npy"), str(tmp_path / "x.npy")], check=True,
+                   capture_output=True, timeout=600)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
 
 
 @pytest.fixture(scope="module")

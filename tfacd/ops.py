@@ -1,7 +1,9 @@
 """The quantization math of tfacd, in one place.
 
-Everything here is plain TensorFlow on tensors: no Keras, no tfmot. The Keras/tfmot glue lives in
-`tfacd.quantizers`; this module only says what numbers come out and which gradients flow back.
+Everything here is TensorFlow on tensors, no Keras, no tfmot; the quantizer's two elementwise
+passes run in tfacd's own C++ ops (`tfacd.kernels`) where they build, else in XLA. The
+Keras/tfmot glue lives in `tfacd.quantizers`; this module only says what numbers come out and
+which gradients flow back.
 
 Notation (used in every docstring below)
 ---------------------------------------
@@ -91,6 +93,8 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
+
+from tfacd import kernels
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -218,10 +222,12 @@ def grid_step(lower, upper, num_bits: int, symmetric_step: bool = False):
     return (upper - lower) / float(num_levels(num_bits))
 
 
-# The elementwise work of a quantizer is memory-bound: as separate TF ops, the forward and the
-# backward pass each read and write the whole activation tensor about ten times (and TF's own
-# per-channel FakeQuant kernel is slower still, ~15x a ReLU on NHWC data). XLA fuses each pass
-# into about one sweep. Only these two small functions are compiled; convolutions stay on
+# The elementwise work of a quantizer: as separate TF ops, the forward and the backward pass
+# each read and write the whole activation tensor about ten times (and TF's own per-channel
+# FakeQuant kernel is slower still, ~15x a ReLU on NHWC data). Each pass is one sweep in
+# tfacd's C++ kernels (`tfacd.kernels`, vectorized, on every core), or, where those cannot
+# be built, in the two XLA-compiled functions below (each loop fusion on one thread: about
+# 2-3x slower). Both compute the formulas of the module docstring; convolutions stay on
 # TensorFlow's own kernels (XLA's CPU convolutions are far slower).
 
 def _on_grid(x, lower, upper, levels, integer_zero_point, symmetric_step):
@@ -289,6 +295,67 @@ def _fused_backward(x, dq, dnoise, lower, upper, levels, clip_axes, lsq,
     return (dx,) + _sum_pair(dl, du, clip_axes)
 
 
+NO_RELU = (-math.inf, math.inf)
+
+
+def _forward_pass(rows, lower, upper, levels: float, with_noise: bool,
+                  integer_zero_point: bool, symmetric_step: bool, relu=NO_RELU):
+    """`_fused_forward` on `[rows, C]`, in tfacd's C++ kernel where it is built
+    (`tfacd.kernels`: same math, one vectorized multi-threaded sweep), else in XLA.
+    `relu`: the `(floor, ceiling)` of a ReLU fused in front (`fusible_relu`; C++ only)."""
+    library = kernels.library()
+    if library is None:
+        return _fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,), with_noise,
+                              integer_zero_point, symmetric_step)
+    outputs = library.tfacd_fake_quant_forward(
+        rows, lower, upper, levels=levels, integer_zero_point=integer_zero_point,
+        symmetric_step=symmetric_step, with_noise=with_noise, input_min=relu[0],
+        input_max=relu[1])
+    return list(outputs) if with_noise else list(outputs[:3])
+
+
+def _backward_pass(rows, dq, dnoise, lower, upper, levels: float, lsq: bool,
+                   integer_zero_point: bool, symmetric_step: bool, relu=NO_RELU):
+    """`_fused_backward` on `[rows, C]` (see `_forward_pass`): `(dx, dl, du)`."""
+    library = kernels.library()
+    if library is None:
+        return _fused_backward(rows, dq, dnoise, lower, upper, tf.constant(levels), (0,), lsq,
+                               integer_zero_point, symmetric_step)
+    return tuple(library.tfacd_fake_quant_backward(
+        rows, dq, dnoise, lower, upper, levels=levels, integer_zero_point=integer_zero_point,
+        symmetric_step=symmetric_step, lsq=lsq, input_min=relu[0], input_max=relu[1]))
+
+
+_RELU_BOUNDS = {"Relu": (0.0, math.inf), "Relu6": (0.0, 6.0)}
+
+
+def apply_relu(x, relu):
+    """`clamp(x, *relu)`: the ReLU that `fusible_relu` found, recomputed where something other
+    than the quantizer needs its output (e.g. a lazy clip initialization)."""
+    if relu == NO_RELU:
+        return x
+    return tf.minimum(tf.maximum(x, relu[0]), relu[1])
+
+
+def fusible_relu(x):
+    """`(relu input, (floor, ceiling))` when `x` is a ReLU/ReLU6 op's output in a graph being
+    traced and the C++ kernels are in use, else `(x, NO_RELU)`. `fake_quant_with_stats` and
+    `quantize_forward` call it themselves.
+
+    The kernels then quantize `clamp(input, floor, ceiling)` and pass the gradient where
+    `floor < input < ceiling`: the same numbers as the ReLU op followed by the quantizer,
+    and the ReLU's gradient op after the quantizer's. Nothing reads the ReLU op's output any
+    more, so TensorFlow prunes it and its gradient (as long as the caller does not read the
+    ReLU's output either: see `apply_relu`): a sweep over the tensor fewer in each pass, and
+    most of a MobileNetV2's activations follow a ReLU6."""
+    if tf.executing_eagerly() or not hasattr(x, "op") or x.dtype != tf.float32:
+        return x, NO_RELU
+    bounds = _RELU_BOUNDS.get(x.op.type)
+    if bounds is None or kernels.library() is None:
+        return x, NO_RELU
+    return x.op.inputs[0], bounds
+
+
 def _to_rows(x, channel_axis: int):
     """`x` as `[rows, C]` with the channel axis last: XLA's CPU reductions over the leading
     axis of a 2-D array are ~7x faster than over three axes of NHWC. Returns the rows and a
@@ -334,11 +401,11 @@ def effective_clips(lower, upper, num_bits: int, integer_zero_point: bool = True
 def quantize_forward(x, lower, upper, num_bits: int, axis: int | None = None,
                      integer_zero_point: bool = True, symmetric_step: bool = False):
     """The forward pass only (no custom gradient): inference and measurements."""
-    x = tf.convert_to_tensor(x, tf.float32)
+    x, relu = fusible_relu(tf.convert_to_tensor(x, tf.float32))
     _, rows, restore, lower, upper, _, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point, x.shape.rank - 1, symmetric_step)
-    return restore(_fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,),
-                                  False, integer_zero_point, symmetric_step)[0])
+    return restore(_forward_pass(rows, lower, upper, levels, False, integer_zero_point,
+                                 symmetric_step, relu)[0])
 
 
 def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = None, *,
@@ -367,7 +434,7 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
       (no gradient); `sqnr_db` is None unless `sqnr_axis` is given.
     """
     check_gradient(gradient)
-    x = tf.convert_to_tensor(x, tf.float32)
+    x, relu = fusible_relu(tf.convert_to_tensor(x, tf.float32))
     with_noise = sqnr_axis is not None
     if with_noise and axis is not None and _normalize_axis(x, sqnr_axis) != \
             _normalize_axis(x, axis):
@@ -375,21 +442,20 @@ def fake_quant_with_stats(x, lower, upper, num_bits: int, axis: int | None = Non
     x, rows, restore, lower, upper, finish, levels = _prepare(
         x, lower, upper, num_bits, axis, integer_zero_point,
         sqnr_axis if with_noise else x.shape.rank - 1, symmetric_step)
-    levels = tf.constant(levels)
 
     @tf.custom_gradient
     def _quantize(rows, lower, upper):
-        outputs = _fused_forward(rows, lower, upper, levels, (0,), (0,), with_noise,
-                                 integer_zero_point, symmetric_step)
+        outputs = _forward_pass(rows, lower, upper, levels, with_noise, integer_zero_point,
+                                symmetric_step, relu)
 
         def grad(dq, *unused_and_dnoise):
             dnoise = unused_and_dnoise[-1] if with_noise else None
             dnoise = tf.zeros([], tf.float32) if dnoise is None else tf.reshape(dnoise, [1, -1])
             if dq is None:
                 dq = tf.zeros_like(rows)
-            drows, dl, du = _fused_backward(rows, dq, dnoise, lower, upper, levels, (0,),
-                                            gradient == "lsq", integer_zero_point,
-                                            symmetric_step)
+            drows, dl, du = _backward_pass(rows, dq, dnoise, lower, upper, levels,
+                                           gradient == "lsq", integer_zero_point,
+                                           symmetric_step, relu)
             dl, du = finish(dl, tf.reduce_sum), finish(du, tf.reduce_sum)
             return (drows, tf.reshape(dl * grad_scale, tf.shape(lower)),
                     tf.reshape(du * grad_scale, tf.shape(upper)))

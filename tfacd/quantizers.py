@@ -207,7 +207,11 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
                                           tf.reduce_max(x, reduce).numpy())
         if _CALIBRATING:
             self.initialize(x, weights)
-        init_done = self._initialize_if_needed(x, weights, axis)
+        # The lazy initialization reads the data only in its first-call branch, recomputing a
+        # ReLU that the kernels fuse (ops.fusible_relu), so that the ReLU op itself has no
+        # reader left and is pruned from the train step.
+        source, relu = ops.fusible_relu(x)
+        init_done = self._initialize_if_needed(lambda: ops.apply_relu(source, relu), weights)
         with tf.control_dependencies([init_done]):
             lower = tf.identity(weights["lower"])
             upper = tf.identity(weights["upper"])
@@ -297,10 +301,11 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
                         weights["data_max"].assign(data_max),
                         weights["initialized"].assign(1.0))
 
-    def _initialize_if_needed(self, x, weights, axis):
-        """Min/max clips from `x` if nothing initialized this quantizer yet (see class doc)."""
+    def _initialize_if_needed(self, make_x, weights):
+        """Min/max clips from the data `make_x()` if nothing initialized this quantizer yet
+        (see class doc)."""
         return tf.cond(weights["initialized"] > 0.5, tf.no_op,
-                       lambda: self.initialize(x, weights, "minmax"))
+                       lambda: self.initialize(make_x(), weights, "minmax"))
 
     def _track_range(self, batch_min, batch_max, weights):
         """Data range per clip, including zero: the kernel's for weights, an EMA for

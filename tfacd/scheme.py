@@ -38,7 +38,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.graph_transfor
 
 from tf_keras.src.saving.serialization_lib import SafeModeScope
 
-from tfacd import ops
+from tfacd import kernels, ops
 from tfacd._keras import keras
 from tfacd.quantizers import GRANULARITIES, ClipQuantizer, calibrating, iter_quantizers
 from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry, layer_role
@@ -295,7 +295,11 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
 # ------------------------------------------------------------------------------------------
 
 def quantize_scope(*args):
-    """tfmot's `quantize_scope` with tfacd's classes in it, for loading quantized models."""
+    """tfmot's `quantize_scope` with tfacd's classes in it, for loading quantized models.
+
+    Also registers tfacd's C++ quantizer ops (`tfacd.kernels`): a SavedModel traced with
+    them names them in its graph, and a process that has not loaded them cannot read it."""
+    kernels.library()
     objects = {"ClipQuantizer": ClipQuantizer, "ClipQuantizeConfig": ClipQuantizeConfig,
                "tfacd>ClipQuantizer": ClipQuantizer,
                "tfacd>ClipQuantizeConfig": ClipQuantizeConfig}
