@@ -182,6 +182,25 @@ def test_a_relu_fused_into_the_quantizer_changes_no_number(library, relu, per_ch
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+def test_a_quantizer_inside_an_xla_compiled_function_runs_on_the_xla_functions(library):
+    """XLA has no kernel for tfacd's C++ ops: under `jit_compile=True` (e.g. a user's
+    `model.compile(jit_compile=True)`) the quantizer uses the XLA functions instead."""
+    x = tf.constant(np.linspace(-3.0, 3.0, 60, dtype=np.float32).reshape(2, 5, 6))
+    lower, upper = tf.Variable(-np.ones(6, np.float32)), tf.Variable(np.ones(6, np.float32))
+
+    def quantize(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            q = ops.fake_quant(tf.nn.relu6(x), lower, upper, 2, axis=-1)
+        return [q, *tape.gradient(q, [x, lower, upper], output_gradients=tf.cos(x))]
+
+    compiled = tf.function(quantize, jit_compile=True)
+    graph_ops = {op.type for op in compiled.get_concrete_function(x).graph.get_operations()}
+    assert not any(name.startswith("Tfacd") for name in graph_ops)
+    for got, want in zip(compiled(x), tf.function(quantize)(x)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_kernels_reject_clips_of_the_wrong_size(library):
     with pytest.raises(tf.errors.InvalidArgumentError, match="clips must have 1 or 4"):
         library.tfacd_fake_quant_forward(tf.zeros([3, 4]), tf.zeros([3]), tf.ones([3]),

@@ -93,6 +93,7 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # pylint: disable=no-name-in-module
 
 from tfacd import kernels
 
@@ -298,12 +299,20 @@ def _fused_backward(x, dq, dnoise, lower, upper, levels, clip_axes, lsq,
 NO_RELU = (-math.inf, math.inf)
 
 
+def _cpp_library():
+    """tfacd's C++ ops, or None where they cannot run: not built (`tfacd.kernels`), or inside
+    a function XLA compiles (`jit_compile=True`), which has no kernel for them."""
+    if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        return None
+    return kernels.library()
+
+
 def _forward_pass(rows, lower, upper, levels: float, with_noise: bool,
                   integer_zero_point: bool, symmetric_step: bool, relu=NO_RELU):
     """`_fused_forward` on `[rows, C]`, in tfacd's C++ kernel where it is built
     (`tfacd.kernels`: same math, one vectorized multi-threaded sweep), else in XLA.
     `relu`: the `(floor, ceiling)` of a ReLU fused in front (`fusible_relu`; C++ only)."""
-    library = kernels.library()
+    library = _cpp_library()
     if library is None:
         return _fused_forward(rows, lower, upper, tf.constant(levels), (0,), (0,), with_noise,
                               integer_zero_point, symmetric_step)
@@ -317,7 +326,7 @@ def _forward_pass(rows, lower, upper, levels: float, with_noise: bool,
 def _backward_pass(rows, dq, dnoise, lower, upper, levels: float, lsq: bool,
                    integer_zero_point: bool, symmetric_step: bool, relu=NO_RELU):
     """`_fused_backward` on `[rows, C]` (see `_forward_pass`): `(dx, dl, du)`."""
-    library = kernels.library()
+    library = _cpp_library()
     if library is None:
         return _fused_backward(rows, dq, dnoise, lower, upper, tf.constant(levels), (0,), lsq,
                                integer_zero_point, symmetric_step)
@@ -351,7 +360,7 @@ def fusible_relu(x):
     if tf.executing_eagerly() or not hasattr(x, "op") or x.dtype != tf.float32:
         return x, NO_RELU
     bounds = _RELU_BOUNDS.get(x.op.type)
-    if bounds is None or kernels.library() is None:
+    if bounds is None or _cpp_library() is None:
         return x, NO_RELU
     return x.op.inputs[0], bounds
 

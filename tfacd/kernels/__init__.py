@@ -7,12 +7,13 @@ pool. They replace two XLA-compiled functions whose CPU loop fusions run on one 
 profiler): on a 128x32x32x96 tensor, forward + backward with the SQNR powers takes about a
 third of the XLA time (`benchmarks/quantizer_ops.py` prints both).
 
-The ops are compiled against the installed TensorFlow the first time they are needed (about
-10 s, with the system's `g++` and `tf.sysconfig`'s flags) and cached under
+The ops are compiled against the installed TensorFlow the first time they are needed (6-10 s,
+with the system's `g++` and `tf.sysconfig`'s flags) and cached under
 `$TFACD_KERNEL_CACHE` (default `~/.cache/tfacd/kernels`), keyed by the source, the
 TensorFlow version and the CPU's features, since the build targets the CPU it runs on.
 Without a compiler, or with `TFACD_KERNELS=xla`, tfacd uses the XLA functions and says so
-once: the same math, slower.
+once: the same math, slower. So does a quantizer inside a function that XLA compiles
+(`jit_compile=True`; `tfacd.ops` checks), since XLA cannot run these ops.
 """
 
 from __future__ import annotations
