@@ -76,6 +76,13 @@ Grid MakeGrid(const Tensor& lower, const Tensor& upper, int64_t columns, float l
 
 
 
+// q of a value already clipped to [lo, hi] (the formula of the file comment, per column).
+template <bool kSymmetric>
+inline float OnGrid(float clipped, float lo, float inv, float scale, float zero_point) {
+  return kSymmetric ? std::floor(clipped * inv + 0.5f) * scale
+                    : (std::floor((clipped - lo) * inv + 0.5f) - zero_point) * scale;
+}
+
 // Branch-free min/max on values (std::min/max return references, which keeps GCC from
 // vectorizing the column loops).
 inline float Min(float a, float b) { return b < a ? b : a; }
@@ -136,9 +143,7 @@ void ForwardRows(const float* __restrict xs, float* __restrict qs, int64_t r0, i
     for (int64_t c = 0; c < columns; ++c) {
       const float v = Min(Max(xr[c], input_min), input_max);   // the fused ReLU, if any
       const float clipped = Min(Max(v, lo[c]), hi[c]);
-      const float qv = kSymmetric
-          ? std::floor(clipped * inv[c] + 0.5f) * scale[c]
-          : (std::floor((clipped - lo[c]) * inv[c] + 0.5f) - zp[c]) * scale[c];
+      const float qv = OnGrid<kSymmetric>(clipped, lo[c], inv[c], scale[c], zp[c]);
       qr[c] = qv;
       mn[c] = Min(mn[c], v);
       mx[c] = Max(mx[c], v);
@@ -178,9 +183,7 @@ void BackwardRows(const float* __restrict xs, const float* __restrict dqs,
       // and Relu6Grad). Without a fused ReLU the bounds are infinite and it always passes.
       const bool relu_passes = input_min < xr[c] && xr[c] < input_max;
       const float clipped = Min(Max(v, lo[c]), hi[c]);
-      const float qv = kSymmetric
-          ? std::floor(clipped * inv[c] + 0.5f) * scale[c]
-          : (std::floor((clipped - lo[c]) * inv[c] + 0.5f) - zp[c]) * scale[c];
+      const float qv = OnGrid<kSymmetric>(clipped, lo[c], inv[c], scale[c], zp[c]);
       const bool below = v < lo[c], above = v > hi[c];
       const bool inside = !(below || above);
       dr[c] = inside && relu_passes ? d : 0.0f;
@@ -193,15 +196,30 @@ void BackwardRows(const float* __restrict xs, const float* __restrict dqs,
   }
 }
 
-class ForwardOp : public OpKernel {
+// The attributes both ops share: the grid and the fused ReLU's bounds.
+class FakeQuantOp : public OpKernel {
  public:
-  explicit ForwardOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit FakeQuantOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("levels", &levels_));
     OP_REQUIRES_OK(context, context->GetAttr("integer_zero_point", &integer_zero_point_));
     OP_REQUIRES_OK(context, context->GetAttr("symmetric_step", &symmetric_step_));
-    OP_REQUIRES_OK(context, context->GetAttr("with_noise", &with_noise_));
     OP_REQUIRES_OK(context, context->GetAttr("input_min", &input_min_));
     OP_REQUIRES_OK(context, context->GetAttr("input_max", &input_max_));
+  }
+
+ protected:
+  Grid GridOf(const Tensor& lower, const Tensor& upper, int64_t columns) const {
+    return MakeGrid(lower, upper, columns, levels_, integer_zero_point_, symmetric_step_);
+  }
+
+  float levels_, input_min_, input_max_;
+  bool integer_zero_point_, symmetric_step_;
+};
+
+class ForwardOp : public FakeQuantOp {
+ public:
+  explicit ForwardOp(OpKernelConstruction* context) : FakeQuantOp(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("with_noise", &with_noise_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -210,8 +228,7 @@ class ForwardOp : public OpKernel {
     const Tensor& upper = context->input(2);
     OP_REQUIRES_OK(context, CheckInputs(x, lower, upper));
     const int64_t rows = x.dim_size(0), columns = x.dim_size(1);
-    const Grid g = MakeGrid(lower, upper, columns, levels_, integer_zero_point_,
-                            symmetric_step_);
+    const Grid g = GridOf(lower, upper, columns);
     Tensor *q, *data_min, *data_max, *signal, *noise;
     const TensorShape powers({with_noise_ ? columns : 0});
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &q));
@@ -255,19 +272,13 @@ class ForwardOp : public OpKernel {
   }
 
  private:
-  float levels_, input_min_, input_max_;
-  bool integer_zero_point_, symmetric_step_, with_noise_;
+  bool with_noise_;
 };
 
-class BackwardOp : public OpKernel {
+class BackwardOp : public FakeQuantOp {
  public:
-  explicit BackwardOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("levels", &levels_));
-    OP_REQUIRES_OK(context, context->GetAttr("integer_zero_point", &integer_zero_point_));
-    OP_REQUIRES_OK(context, context->GetAttr("symmetric_step", &symmetric_step_));
+  explicit BackwardOp(OpKernelConstruction* context) : FakeQuantOp(context) {
     OP_REQUIRES_OK(context, context->GetAttr("lsq", &lsq_));
-    OP_REQUIRES_OK(context, context->GetAttr("input_min", &input_min_));
-    OP_REQUIRES_OK(context, context->GetAttr("input_max", &input_max_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -282,8 +293,7 @@ class BackwardOp : public OpKernel {
     const int64_t rows = x.dim_size(0), columns = x.dim_size(1);
     OP_REQUIRES(context, dnoise.NumElements() == 1 || dnoise.NumElements() == columns,
                 InvalidArgument("dnoise must have 1 or ", columns, " values"));
-    const Grid g = MakeGrid(lower, upper, columns, levels_, integer_zero_point_,
-                            symmetric_step_);
+    const Grid g = GridOf(lower, upper, columns);
     std::vector<float> two_dnoise(columns), to_lower(columns), to_upper(columns);
     const auto dn = dnoise.flat<float>();
     for (int64_t c = 0; c < columns; ++c) {
@@ -323,8 +333,7 @@ class BackwardOp : public OpKernel {
   }
 
  private:
-  float levels_, input_min_, input_max_;
-  bool integer_zero_point_, symmetric_step_, lsq_;
+  bool lsq_;
 };
 
 Status ForwardShape(InferenceContext* c) {
