@@ -12,10 +12,12 @@ from tfacd import kernels, ops
 
 @pytest.fixture(scope="module")
 def library():
+    """The C++ ops. Where they cannot be built (no compiler) tfacd runs on XLA and these tests
+    skip, unless TFACD_KERNELS=cpp (what .ci/run sets), where the build failing is an error."""
     lib = kernels.library()
     if lib is None:
-        pytest.fail("the C++ kernels did not build here; TFACD_KERNELS="
-                    f"{kernels.backend_setting()}")
+        pytest.skip(f"C++ kernels unavailable here (TFACD_KERNELS={kernels.backend_setting()}); "
+                    "tfacd runs on the XLA functions")
     return lib
 
 
