@@ -7,7 +7,7 @@ pool. They replace two XLA-compiled functions whose CPU loop fusions run on one 
 profiler): on a 128x32x32x96 tensor, forward + backward with the SQNR powers takes about a
 third of the XLA time (`benchmarks/quantizer_ops.py` prints both).
 
-The ops are compiled against the installed TensorFlow the first time they are needed (6-10 s,
+The ops are compiled against the installed TensorFlow the first time they are needed (6 s here,
 with the system's `g++` and `tf.sysconfig`'s flags) and cached under
 `$TFACD_KERNEL_CACHE` (default `~/.cache/tfacd/kernels`), keyed by the source, the
 TensorFlow version and the CPU's features, since the build targets the CPU it runs on.
