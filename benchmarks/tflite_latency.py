@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/tflite_latency.py --model_dir RUN      # a QAT run with model.tflite
+    python benchmarks/tflite_latency.py --model_dir RUN --tflite FILE   # another export of it
     python benchmarks/tflite_latency.py                      # a fresh MobileNetV2-CIFAR
 
 Both files are run by the same LiteRT interpreter build with the same settings (`--threads`,
@@ -47,7 +48,8 @@ def latency(path, pixels, threads: int, repeats: int) -> float:
 
 def build_files(args, folder: pathlib.Path):
     if args.model_dir:
-        int8 = pathlib.Path(args.model_dir) / "model.tflite"
+        int8 = pathlib.Path(args.tflite) if args.tflite else \
+            pathlib.Path(args.model_dir) / "model.tflite"
         if not int8.is_file():
             raise SystemExit(f"error: {int8} not found (run train_main.py --mode=export first)")
         # The float file of the same run: the same weights, unquantized, BN folded.
@@ -77,6 +79,9 @@ def build_files(args, folder: pathlib.Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_dir", default="")
+    parser.add_argument("--tflite", default="",
+                        help="with --model_dir: another export of that run than model.tflite "
+                             "(e.g. one written with another --activation_policy)")
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--granularity", default="per_channel",
@@ -108,6 +113,13 @@ def main():
     # The file's own storage (a run's model.tflite may be an int4 export).
     label = "int4" if export.size_breakdown(int8_bytes)["int4_tensors"] else "int8"
     print(f"{label} TFLite:  {best_int8 * 1e3:8.3f} ms/image   {int8_size:,} bytes")
+    weights = export.weight_tensors(int8_bytes)
+    in_float = sum(entry["dequantized"] for entry in weights)
+    if in_float:
+        # The `float` activation policy: those layers keep int8 filters but compute in float.
+        print(f"  ({in_float} of {len(weights)} weight layers compute in float on their "
+              "int8 filters: per-channel activations, activation_policy='float')")
+        label = f"{label}-weight"
     print(f"{label} / float latency: {best_int8 / best_float:.3f}x   "
           f"size: {int8_size / float_size:.3f}x")
 

@@ -18,7 +18,7 @@ GRANULARITIES = ("per_layer", "per_channel")
 ACD_CHOICES = ("off", "decay", "pull")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
-ACTIVATION_POLICIES = ("clamp", "round")      # tfacd.export.ACTIVATION_POLICIES
+ACTIVATION_POLICIES = ("clamp", "round", "float")  # tfacd.export.ACTIVATION_POLICIES
 WEIGHT_STORAGES = ("int8", "int4")             # tfacd.export.WEIGHT_STORAGES
 OPTIMIZERS = ("sgd", "adam")
 
@@ -70,7 +70,7 @@ class ExperimentConfig:
     overwrite: bool = False
     export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
-    activation_policy: str = "clamp"     # per-channel activations in TFLite: clamp or round
+    activation_policy: str = "float"     # per-channel activations in TFLite: float, clamp, round
     weight_storage: str = "int8"         # TFLite weights: int8, or int4 (1x1/Dense layers, 2-3
                                          # bit, or 4 bit with symmetric_weights)
     snap_biases: bool = True             # export: move the model's biases onto the file's grid

@@ -46,17 +46,30 @@ What the bake does, and what is exact
   exactly. After a ReLU the lower clip never binds, and the range is `[u' - 255 s, u']`
   instead: int8 saturation is the upper clip, no extra op (XNNPACK does not delegate int8
   `MINIMUM`, and each one splits the delegated graph).
-* **Per-channel activations (a policy).** TFLite has one scale per activation tensor. The
-  tensor is quantized to 8 bits over the union of the channels' ranges, `[min_c l'_c,
-  max_c u'_c]`, and each channel keeps its own clips as per-channel `maximum`/`minimum`
-  constants. Then:
+* **Per-channel activations (a policy).** TFLite has one scale per activation tensor, so a
+  tensor whose channels have their own k-bit grids cannot be an int8 tensor that holds them.
+  `activation_policy` says what the file does instead:
 
-  - `activation_policy="clamp"` (all int8): each channel's clip is kept; its k-bit rounding is
-    replaced by the union's 8-bit rounding (finer). Approximate.
-  - `activation_policy="round"`: additionally rounds each channel to its own k-bit grid in
-    float (`DEQUANTIZE`, `FLOOR`/`MUL`/`ADD`, `QUANTIZE` around the tensor), then back onto the
-    union grid. Values match the Keras model up to half a union step; the price is float ops
-    on those tensors. `tfacd.export.measure_policies` compares the two on data.
+  - `"float"` (the default; exact up to float summation order): the tensor stays float32,
+    and each channel is put on its own grid by the forward pass's own float32 ops
+    (`_on_channel_grids`: `MAXIMUM`/`SUB`/`MUL`/`ADD`/`FLOOR`/`MINIMUM`/`SUB`/`MUL` with
+    `l'`, `1/s`, `z` and `s` per channel; after a ReLU `MUL`/`ADD`/`FLOOR`/`MINIMUM`/`MUL`
+    with `1/s` and `s`). The convolutions that read such a tensor run in float, and their
+    filters are stored as the int8 integers they hold behind a `DEQUANTIZE`
+    (`store_float_filters_as_int8`), so the file keeps int8 filter bytes. The price is
+    float compute: on trained width-1.0 MobileNetV2s, 99.70% agreement at W2A2 and W4A4,
+    at 1.6x the float file's latency (docs/results.md, "Per-channel activations in
+    TFLite").
+  - `"clamp"` (all int8): the tensor is quantized to 8 bits over the union of the channels'
+    ranges `[min_c l'_c, max_c u'_c]`, and each channel keeps its own clips as per-channel
+    `maximum`/`minimum` constants; its k-bit rounding is replaced by the union's 8-bit
+    rounding. Approximate: a different function, which at 2 bits trained models do not
+    survive (38% top-1 agreement on a trained W2A2 run, docs/results.md).
+  - `"round"`: `clamp`, plus each channel rounded to its own k-bit grid in float between a
+    `DEQUANTIZE` and a `QUANTIZE` onto the union grid. Values match up to half a union step.
+
+  The export report says, per activation, whether it is exact (`activations`) and, per
+  weight layer, whether it computes in integers or in float (`computes_in`).
 
 * **Input (exact).** The file takes raw RGB pixels (0-255) and normalizes them itself, as a
   1x1 depthwise convolution (`(p - mean_c) / std_c`, int8) followed by the model's input
@@ -93,7 +106,7 @@ from tfacd._keras import keras
 from tfacd.quantizers import ClipQuantizer, effective_clips
 from tfacd.scheme import _BATCH_NORMS, _consumers, _is_linear  # the layout's own rules
 
-ACTIVATION_POLICIES = ("clamp", "round")
+ACTIVATION_POLICIES = ("clamp", "round", "float")
 IO_TYPES = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}
 WEIGHT_STORAGES = ("int8", "int4")
 _INT8_MAX = 127
@@ -419,6 +432,8 @@ def _emit_activation(x, plan: ActivationPlan, policy: str, nonnegative: bool = F
         if levels < 255:
             x = _fake_quant_8bit(tf.minimum(x, upper), lower, lower + 255 * step)
         return x
+    if policy == "float":
+        return _on_channel_grids(x, plan, nonnegative)
     union_lower, union_upper = float(plan.lower.min()), float(plan.upper.max())
     x = _fake_quant_8bit(x, union_lower, union_upper)
     if policy == "round":
@@ -430,6 +445,38 @@ def _emit_activation(x, plan: ActivationPlan, policy: str, nonnegative: bool = F
             x = tf.maximum(x, plan.lower)
         x = tf.minimum(x, plan.upper)
     return _fake_quant_8bit(x, union_lower, union_upper)
+
+
+def _on_channel_grids(x, plan: ActivationPlan, nonnegative: bool = False):
+    """Each channel of `x` on its own k-bit grid, in float32, computing what tfacd's forward
+    pass computes (`tfacd.ops._on_grid`; its C++ kernel is built with `-ffp-contract=off`)::
+
+        s = (u' - l') / n,   z = round(-l' / s)
+        q = (floor((clip(x, l', u') - l') (1/s) + 0.5) - z) s
+
+    with `s`, `1/s` and `z` computed here in float32 as the forward pass computes them.
+    The upper clip is applied to the grid index instead, `k = min(floor((max(x, l') - l')
+    (1/s) + 0.5), n)`: the same `k` for every float32 `x` (rounded subtraction and
+    multiplication by `1/s > 0` are monotonic, and `(u' - l') (1/s)` rounds to within an
+    ulp of `n`), with the scalar `n` in place of a per-channel vector. The lower clip stays
+    on `x`: it shares its constant with the subtraction, and it keeps the converter from
+    folding the subtraction and multiplication into a preceding convolution's filter and
+    bias (it does, measured, for a convolution without a fused activation, and the filter
+    then leaves the layer's grid). After a ReLU (`l' = 0`, `z = 0`; the convolution's
+    fused ReLU keeps the converter off) both drop out. The tensor stays float and its
+    consumers run in float (the `float` policy)."""
+    lower = np.asarray(plan.lower, np.float32)
+    upper = np.asarray(plan.upper, np.float32)
+    levels = np.float32(ops.num_levels(plan.bits))
+    scale = (upper - lower) / levels
+    inverse = np.float32(1.0) / scale
+    zero_point = np.round(-lower / scale)                  # ties to even, as tf.round
+    if not (nonnegative and np.all(lower == 0)):
+        x = tf.maximum(x, lower) - lower
+    index = tf.minimum(tf.floor(x * inverse + np.float32(0.5)), levels)
+    if np.any(zero_point):
+        index = index - zero_point
+    return index * scale
 
 
 def _is_nonnegative(inner) -> bool:
@@ -561,7 +608,7 @@ def _normalization(x, mean, std, quantized: bool, input_quantized: bool, integer
     return y
 
 
-def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp",
+def bake(model, input_mean=None, input_std=None, activation_policy: str = "float",
          quantized: bool = True, batch_size: int | None = None,
          taps: bool = False, weight_storage: str = "int8") -> Bake:
     """Rewrites `model` (a tfacd QAT model) into an inference function TFLite can convert.
@@ -570,8 +617,8 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
       model: from `tfacd.quantize_model` (or a plain tf_keras model with `quantized=False`).
       input_mean, input_std: per-channel normalization in pixel units (0-255); the function
         takes raw pixels and applies `(p - mean) / std` itself. None: no normalization.
-      activation_policy: "clamp" or "round", for per-channel activation quantizers (module
-        docstring).
+      activation_policy: "float" (exact, float compute), "clamp" or "round" (all int8 /
+        mostly int8, approximate), for per-channel activation quantizers (module docstring).
       quantized: False bakes the float model (unquantized weights, BN folded, no fake quant):
         the reference for file size and latency.
       batch_size: the function's batch dimension (None: any).
@@ -611,6 +658,9 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "clamp
             quantizer, variables = _output_quantizer(layer)
             if quantizer is not None:
                 plans[layer.name] = _activation_plan(layer.name, quantizer, variables)
+                if activation_policy == "float":
+                    # Each channel on its own grid with the forward pass's own float32 ops.
+                    plans[layer.name].exact = True
 
     input_quantized = any(isinstance(layer, quantize_layer.QuantizeLayer)
                           for layer in model.layers)
@@ -689,6 +739,10 @@ def _convert(baked: Bake, input_type: str = "float32", output_type: str = "float
         first = str(error).strip().splitlines()
         raise ExportError(f"the TFLite converter refused the baked model: "
                           f"{first[0] if first else type(error).__name__}") from error
+    if baked.quantized:
+        # Float ops' filters (the `float` policy) as int8 + DEQUANTIZE; none otherwise.
+        content, _ = store_float_filters_as_int8(content, baked)
+        return content
     return _compact(content)
 
 
@@ -875,22 +929,29 @@ def _tensor_types():
 def _weight_op_entries(model):
     """`(subgraph, op, op name)` of every Conv2D, DepthwiseConv2D and FullyConnected op with
     a filter."""
-    # pylint: disable-next=import-outside-toplevel
-    from tensorflow.lite.tools import flatbuffer_utils
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
-            name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+            name = _op_name(model, op)
             if name in _WEIGHT_OPS and len(op.inputs) > 1 and op.inputs[1] >= 0:
                 yield subgraph, op, name
 
 
 def _weight_ops(model):
-    """`(op name, filter tensor, bias tensor or None)` of every Conv2D, DepthwiseConv2D and
-    FullyConnected op."""
+    """`(op name, stored filter tensor, bias tensor or None, dequantized)` of every Conv2D,
+    DepthwiseConv2D and FullyConnected op. A filter computed by a `DEQUANTIZE` of a constant
+    (`store_float_filters_as_int8`: the op runs in float) is given as that constant, the
+    tensor the file stores, with `dequantized` True."""
+    dequantized = {}                     # (subgraph, output tensor) -> DEQUANTIZE's input
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if _op_name(model, op) == "DEQUANTIZE" and \
+                    model.buffers[subgraph.tensors[op.inputs[0]].buffer].data is not None:
+                dequantized[id(subgraph), int(op.outputs[0])] = int(op.inputs[0])
     for subgraph, op, name in _weight_op_entries(model):
         bias = subgraph.tensors[op.inputs[2]] \
             if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
-        yield name, subgraph.tensors[op.inputs[1]], bias
+        stored = dequantized.get((id(subgraph), int(op.inputs[1])), int(op.inputs[1]))
+        yield name, subgraph.tensors[stored], bias, stored != int(op.inputs[1])
 
 
 def _tensor_name(tensor) -> str:
@@ -964,12 +1025,8 @@ def pack_int4_weights(model_path_or_bytes) -> tuple[bytes, int]:
         if not values.size or values.min() < _INT4_MIN or values.max() > _INT4_MAX:
             continue
         if int4_code is None:
-            code = schema.OperatorCodeT()
-            code.builtinCode = code.deprecatedBuiltinCode = \
-                schema.BuiltinOperator.FULLY_CONNECTED
-            code.version = _FULLY_CONNECTED_INT4_VERSION
-            model.operatorCodes.append(code)
-            int4_code = len(model.operatorCodes) - 1
+            int4_code = _operator_code(model, schema.BuiltinOperator.FULLY_CONNECTED,
+                                       _FULLY_CONNECTED_INT4_VERSION)
         if name == "CONV_2D":
             fully_connected = schema.FullyConnectedOptionsT()
             fully_connected.fusedActivationFunction = op.builtinOptions.fusedActivationFunction
@@ -995,12 +1052,127 @@ def _drop_unused_operator_codes(model):
             op.opcodeIndex = remap[op.opcodeIndex]
 
 
+# The DEQUANTIZE version for per-channel int8 inputs (TFLite's op_version.cc).
+_DEQUANTIZE_PER_CHANNEL_VERSION = 5
+# Filter axis of the output channels, as TFLite lays filters out: CONV_2D [out, kh, kw, in],
+# DEPTHWISE_CONV_2D [1, kh, kw, out], FULLY_CONNECTED [out, in].
+_FILTER_CHANNEL_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
+
+
+def store_float_filters_as_int8(model_path_or_bytes, baked: Bake) -> tuple[bytes, int]:
+    """Stores the float32 filter of every weight op that runs in float (its input is a float
+    tensor, e.g. under `activation_policy="float"`) as the int8 integers it holds, with the
+    layer's per-channel steps as scales and zero point 0, and a `DEQUANTIZE` in front of the
+    op: the same float32 values (`DEQUANTIZE` computes `s_c m`, the product the filter
+    holds), a quarter of the bytes.
+
+    The converter (TF 2.21) writes a weight fake-quant that feeds a float op as the float32
+    values it computes, and none of its QDQ modes keeps int8 filters in front of float ops
+    (docs/results.md, "Per-channel activations in TFLite"). XNNPACK turns a constant
+    filter's `DEQUANTIZE` into float weights once, when the delegate is built.
+
+    Only layers `baked` quantized are touched (their integers and steps are known); each
+    filter is checked against them, and a filter that is not `m s_c` on the layer's grid
+    (the converter folded something into it) raises `ExportError`. Returns the new
+    flatbuffer and the number of filters stored as int8.
+    """
+    model = _flatbuffer(_content(model_path_or_bytes))
+    schema = _schema()
+    users = collections.Counter(t.buffer for sg in model.subgraphs for t in sg.tensors)
+    layer_names = list(baked.weights)
+    code = None
+    stored = 0
+    for subgraph in model.subgraphs:
+        dequantize_before = {}                       # op index -> DEQUANTIZE ops to insert
+        for position, op in enumerate(subgraph.operators):
+            name = _op_name(model, op)
+            if name not in _WEIGHT_OPS or len(op.inputs) < 2 or op.inputs[1] < 0:
+                continue
+            tensor = subgraph.tensors[op.inputs[1]]
+            buffer = model.buffers[tensor.buffer]
+            if tensor.type != schema.TensorType.FLOAT32 or buffer.data is None or \
+                    not len(buffer.data):
+                continue
+            layer = _layer_for_tensor(_tensor_name(tensor), layer_names)
+            weights = baked.weights.get(layer)
+            if weights is None or weights.integers is None:
+                continue
+            shape = [int(d) for d in tensor.shape]
+            axis = _FILTER_CHANNEL_AXIS[name]
+            values = np.frombuffer(bytes(buffer.data), np.float32).reshape(shape)
+            if shape[axis] != weights.step.size:
+                raise ExportError(f"{layer}: the file's {name} filter has {shape[axis]} output "
+                                  f"channels, the layer {weights.step.size}")
+            step_shape = [1] * len(shape)
+            step_shape[axis] = -1
+            step = weights.step.reshape(step_shape)
+            units = values / step
+            integers = np.round(units)
+            if np.max(np.abs(units - integers)) > 1e-3 or np.max(np.abs(integers)) > _INT8_MAX:
+                raise ExportError(f"{layer}: the converter changed the float filter of its "
+                                  f"{name}; it is no longer on the layer's grid")
+            if code is None:
+                code = _operator_code(model, schema.BuiltinOperator.DEQUANTIZE,
+                                      _DEQUANTIZE_PER_CHANNEL_VERSION)
+            if users[tensor.buffer] == 1:
+                buffer.data = None                   # the float copy goes
+            int8_buffer = schema.BufferT()
+            int8_buffer.data = np.frombuffer(integers.astype(np.int8).tobytes(), np.uint8)
+            model.buffers.append(int8_buffer)
+            int8_tensor = schema.TensorT()
+            int8_tensor.shape = np.array(shape, np.int32)
+            int8_tensor.type = schema.TensorType.INT8
+            int8_tensor.buffer = len(model.buffers) - 1
+            int8_tensor.name = tensor.name + b"/int8" if isinstance(tensor.name, bytes) \
+                else f"{tensor.name}/int8"
+            params = schema.QuantizationParametersT()
+            params.scale = weights.step.astype(np.float32).tolist()
+            params.zeroPoint = [0] * weights.step.size
+            params.quantizedDimension = axis
+            int8_tensor.quantization = params
+            subgraph.tensors.append(int8_tensor)
+            # The float filter tensor stays, with no data: DEQUANTIZE's output.
+            tensor.buffer = 0
+            dequantize = schema.OperatorT()
+            dequantize.opcodeIndex = code
+            dequantize.inputs = np.array([len(subgraph.tensors) - 1], np.int32)
+            dequantize.outputs = np.array([op.inputs[1]], np.int32)
+            dequantize_before.setdefault(position, []).append(dequantize)
+            stored += 1
+        operators = []
+        for position, op in enumerate(subgraph.operators):
+            operators.extend(dequantize_before.get(position, []))
+            operators.append(op)
+        subgraph.operators = operators
+    return _serialize(model), stored
+
+
+def _op_name(model, op) -> str:
+    # pylint: disable-next=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils
+    return flatbuffer_utils.opcode_to_name(model, op.opcodeIndex)
+
+
+def _operator_code(model, builtin: int, version: int) -> int:
+    """The index of `model`'s operator code for `builtin` at `version`, added if missing."""
+    for index, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and \
+                code.version == version:
+            return index
+    code = _schema().OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = builtin      # both < 127: the same
+    code.version = version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
 def weight_tensors(model_path_or_bytes) -> list[dict]:
-    """Every constant int8 or int4 weight tensor of a file with its per-channel statistics."""
+    """Every constant int8 or int4 weight tensor of a file with its per-channel statistics
+    (also those a `DEQUANTIZE` turns into a float op's filter: `dequantized`)."""
     model = _flatbuffer(_content(model_path_or_bytes))
     types = _tensor_types()
     found = []
-    for op_name, tensor, _ in _weight_ops(model):
+    for op_name, tensor, _, dequantized in _weight_ops(model):
         data = model.buffers[tensor.buffer].data
         if tensor.type not in (types.INT8, types.INT4) or data is None:
             continue
@@ -1017,6 +1189,8 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
             "zero_points": sorted({int(z) for z in params.zeroPoint}),
             "max_distinct_per_channel": int(max(len(np.unique(row)) for row in per_channel)),
             "scales": [float(v) for v in params.scale],
+            # The op computes in float on this tensor's DEQUANTIZE (the `float` policy).
+            "dequantized": bool(dequantized),
         })
     return found
 
@@ -1146,7 +1320,7 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     names = [layer.name for layer in qat_model.layers]
     folded = _batch_norm_folds(qat_model)
     shifts, moves = {}, []
-    for _, filter_tensor, bias_tensor in _weight_ops(model):
+    for _, filter_tensor, bias_tensor, _ in _weight_ops(model):
         name = _layer_for_tensor(_tensor_name(filter_tensor), names)
         if name is None or bias_tensor is None:
             continue                              # the input normalization: not a layer
@@ -1201,6 +1375,7 @@ def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
             bits, clamped = weights.bits, weights.clamped
         per_layer[layer] = {
             "op": entry["op"], "weight_bits": bits, "storage": entry["storage"],
+            "computes_in": "float" if entry["dequantized"] else "integer",
             "shape": entry["shape"],
             "max_distinct_values_per_channel": entry["max_distinct_per_channel"],
             "distinct_within_2^bits": bool(entry["max_distinct_per_channel"] <= 2 ** bits),
@@ -1241,7 +1416,7 @@ def _report(qat_model, baked: Bake, content: bytes, float_content: bytes | None,
 
 def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                   input_type: str = "float32", output_type: str = "float32",
-                  activation_policy: str = "clamp", data=None, labels=None,
+                  activation_policy: str = "float", data=None, labels=None,
                   batch_size: int | None = None, float_reference: bool = True,
                   report_path=None, verbose: bool = True,
                   weight_storage: str = "int8", snap_biases: bool = True) -> pathlib.Path:
@@ -1256,7 +1431,9 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
       input_type, output_type: "float32", "int8" or "uint8" model input/output. With int8 or
         uint8 input the caller passes pixels as integers (scale 1, zero point 0 for uint8,
         -128 for int8); `run_tflite` does this, and dequantizes int8 outputs.
-      activation_policy: "clamp" or "round" (module docstring).
+      activation_policy: for per-channel activations: "float" (exact; those layers compute
+        in float on int8-stored filters), "clamp" or "round" (int8, approximate; module
+        docstring).
       data, labels: raw pixels `[N, H, W, C]` (and labels) for the report's fidelity section.
       batch_size: the file's fixed batch size (None: any; resized at run time).
       float_reference: also convert the float model of the same weights, for the size ratio.
@@ -1287,9 +1464,11 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         if not packed:
             # Not an error: the file is still right, only not smaller (e.g. 4-bit weights on
             # the asymmetric grid, whose integers [-z, 15 - z] leave int4's range).
-            warnings.warn("weight_storage='int4' stored no filter as int4: no 1x1 or Dense "
-                          "layer's integers fit [-8, 7]; 4-bit weights need "
-                          "QuantizeScheme(symmetric_weights=True)", stacklevel=2)
+            warnings.warn("weight_storage='int4' stored no filter as int4: no integer 1x1 "
+                          "or Dense layer's integers fit [-8, 7] (4-bit weights need "
+                          "QuantizeScheme(symmetric_weights=True); layers that compute in "
+                          "float under activation_policy='float' keep int8 filters)",
+                          stacklevel=2)
     float_content = None
     if float_reference:
         float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,
