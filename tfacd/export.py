@@ -1312,7 +1312,11 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     the beta of the BatchNormalization folded into it: `beta_c <- beta_c + (b_c s_in s_c -
     bias_c)`. Keras then adds exactly what the file adds.
 
-    Returns `{layer name: largest change in units of that layer's bias grid}` (each <= 0.5).
+    Returns `{layer name: largest change in units of that layer's bias grid}`: at most 0.5
+    (plus float32 rounding) where the file's integer is the rounded bias. The converter
+    divides in float32, so an int32 beyond 2^24 can be a unit or two further off (measured
+    up to 1.007 on a depthwise layer with a tiny input step, `clamp` policy); the snap reads
+    the file's integer either way.
     Raises `ExportError` for a file that does not belong to the model.
     """
     content = _content(tflite)
