@@ -296,6 +296,34 @@ def test_round_policy_rounds_each_channel_to_its_grid(tmp_path):
     assert np.all(values["clamp"] <= uppers + union_half_step)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("after_relu", [False, True])
+def test_channel_grid_ops_equal_the_forward_pass_bit_for_bit(bits, after_relu):
+    """The `float` policy's ops (`_on_channel_grids`, the upper clip moved onto the grid
+    index) give the forward pass's numbers exactly, also on the float32 values next to every
+    rounding boundary and beyond both clips."""
+    from tfacd import ops  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(bits)
+    channels = 6
+    lower = np.zeros(channels, np.float32) if after_relu else \
+        rng.uniform(-2.0, 0.3, channels).astype(np.float32)
+    upper = (lower + rng.uniform(0.05, 5.0, channels)).astype(np.float32)
+    nudged_lower, nudged_upper = (t.numpy() for t in ops.effective_clips(lower, upper, bits))
+    plan = export.ActivationPlan("q", bits, True, nudged_lower, nudged_upper, exact=True)
+    step = (nudged_upper - nudged_lower) / np.float32(ops.num_levels(bits))
+    levels = np.arange(-2, ops.num_levels(bits) + 3, dtype=np.float32)[:, None]
+    boundaries = (nudged_lower + (levels + np.float32(0.5)) * step).astype(np.float32)
+    x = np.concatenate([
+        boundaries, np.nextafter(boundaries, np.float32(np.inf)),
+        np.nextafter(boundaries, np.float32(-np.inf)), nudged_lower[None], nudged_upper[None],
+        rng.uniform(-8, 8, (2000, channels)).astype(np.float32)])
+    if after_relu:
+        x = np.maximum(x, 0.0)
+    expected = ops.quantize_forward(tf.constant(x), lower, upper, bits, axis=-1).numpy()
+    actual = export._on_channel_grids(tf.constant(x), plan, nonnegative=after_relu).numpy()
+    np.testing.assert_array_equal(actual, expected)
+
+
 def test_float_policy_keeps_each_channel_grid_exactly(tmp_path):
     """The `float` policy computes each channel's own k-bit rounding with the forward pass's
     float32 ops: the file's activations are the Keras model's, value for value."""
