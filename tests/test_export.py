@@ -398,8 +398,8 @@ def test_float_filters_off_the_layer_grid_are_refused():
 
 
 def test_float_input_and_int8_output(tmp_path):
-    # Per-tensor activations, so Keras and TFLite compute the same function (the per-channel
-    # policy is approximate and its agreement on this untrained model is not a test of I/O).
+    # Per-tensor activations, so Keras and TFLite compute the same function in integers (with
+    # per-channel ones the file's convolutions would run in float, not a test of int8 I/O).
     model = _quantized_tiny(4, "per_layer")
     pixels = _pixels(50)
     path = export.export_tflite(model, tmp_path / "io.tflite", input_mean=MEAN, input_std=STD,

@@ -1081,70 +1081,66 @@ def store_float_filters_as_int8(model_path_or_bytes, baked: Bake) -> tuple[bytes
     users = collections.Counter(t.buffer for sg in model.subgraphs for t in sg.tensors)
     layer_names = list(baked.weights)
     code = None
-    stored = 0
+    dequantize_before = {}                           # id(op) -> the DEQUANTIZE to insert
+    for subgraph, op, name in _weight_op_entries(model):
+        tensor = subgraph.tensors[op.inputs[1]]
+        buffer = model.buffers[tensor.buffer]
+        if tensor.type != schema.TensorType.FLOAT32 or buffer.data is None or \
+                not len(buffer.data):
+            continue
+        layer = _layer_for_tensor(_tensor_name(tensor), layer_names)
+        weights = baked.weights.get(layer)
+        if weights is None or weights.integers is None:
+            continue
+        shape = [int(d) for d in tensor.shape]
+        axis = _FILTER_CHANNEL_AXIS[name]
+        values = np.frombuffer(bytes(buffer.data), np.float32).reshape(shape)
+        if shape[axis] != weights.step.size:
+            raise ExportError(f"{layer}: the file's {name} filter has {shape[axis]} output "
+                              f"channels, the layer {weights.step.size}")
+        step_shape = [1] * len(shape)
+        step_shape[axis] = -1
+        step = weights.step.reshape(step_shape)
+        units = values / step
+        integers = np.round(units)
+        if np.max(np.abs(units - integers)) > 1e-3 or np.max(np.abs(integers)) > _INT8_MAX:
+            raise ExportError(f"{layer}: the converter changed the float filter of its "
+                              f"{name}; it is no longer on the layer's grid")
+        if code is None:
+            code = _operator_code(model, schema.BuiltinOperator.DEQUANTIZE,
+                                  _DEQUANTIZE_PER_CHANNEL_VERSION)
+        if users[tensor.buffer] == 1:
+            buffer.data = None                       # the float copy goes
+        int8_buffer = schema.BufferT()
+        int8_buffer.data = np.frombuffer(integers.astype(np.int8).tobytes(), np.uint8)
+        model.buffers.append(int8_buffer)
+        int8_tensor = schema.TensorT()
+        int8_tensor.shape = np.array(shape, np.int32)
+        int8_tensor.type = schema.TensorType.INT8
+        int8_tensor.buffer = len(model.buffers) - 1
+        int8_tensor.name = tensor.name + b"/int8" if isinstance(tensor.name, bytes) \
+            else f"{tensor.name}/int8"
+        params = schema.QuantizationParametersT()
+        params.scale = weights.step.astype(np.float32).tolist()
+        params.zeroPoint = [0] * weights.step.size
+        params.quantizedDimension = axis
+        int8_tensor.quantization = params
+        subgraph.tensors.append(int8_tensor)
+        # The float filter tensor stays, with no data: DEQUANTIZE's output.
+        tensor.buffer = 0
+        dequantize = schema.OperatorT()
+        dequantize.opcodeIndex = code
+        dequantize.inputs = np.array([len(subgraph.tensors) - 1], np.int32)
+        dequantize.outputs = np.array([op.inputs[1]], np.int32)
+        dequantize_before[id(op)] = dequantize
     for subgraph in model.subgraphs:
-        dequantize_before = {}                       # op index -> DEQUANTIZE ops to insert
-        for position, op in enumerate(subgraph.operators):
-            name = _op_name(model, op)
-            if name not in _WEIGHT_OPS or len(op.inputs) < 2 or op.inputs[1] < 0:
-                continue
-            tensor = subgraph.tensors[op.inputs[1]]
-            buffer = model.buffers[tensor.buffer]
-            if tensor.type != schema.TensorType.FLOAT32 or buffer.data is None or \
-                    not len(buffer.data):
-                continue
-            layer = _layer_for_tensor(_tensor_name(tensor), layer_names)
-            weights = baked.weights.get(layer)
-            if weights is None or weights.integers is None:
-                continue
-            shape = [int(d) for d in tensor.shape]
-            axis = _FILTER_CHANNEL_AXIS[name]
-            values = np.frombuffer(bytes(buffer.data), np.float32).reshape(shape)
-            if shape[axis] != weights.step.size:
-                raise ExportError(f"{layer}: the file's {name} filter has {shape[axis]} output "
-                                  f"channels, the layer {weights.step.size}")
-            step_shape = [1] * len(shape)
-            step_shape[axis] = -1
-            step = weights.step.reshape(step_shape)
-            units = values / step
-            integers = np.round(units)
-            if np.max(np.abs(units - integers)) > 1e-3 or np.max(np.abs(integers)) > _INT8_MAX:
-                raise ExportError(f"{layer}: the converter changed the float filter of its "
-                                  f"{name}; it is no longer on the layer's grid")
-            if code is None:
-                code = _operator_code(model, schema.BuiltinOperator.DEQUANTIZE,
-                                      _DEQUANTIZE_PER_CHANNEL_VERSION)
-            if users[tensor.buffer] == 1:
-                buffer.data = None                   # the float copy goes
-            int8_buffer = schema.BufferT()
-            int8_buffer.data = np.frombuffer(integers.astype(np.int8).tobytes(), np.uint8)
-            model.buffers.append(int8_buffer)
-            int8_tensor = schema.TensorT()
-            int8_tensor.shape = np.array(shape, np.int32)
-            int8_tensor.type = schema.TensorType.INT8
-            int8_tensor.buffer = len(model.buffers) - 1
-            int8_tensor.name = tensor.name + b"/int8" if isinstance(tensor.name, bytes) \
-                else f"{tensor.name}/int8"
-            params = schema.QuantizationParametersT()
-            params.scale = weights.step.astype(np.float32).tolist()
-            params.zeroPoint = [0] * weights.step.size
-            params.quantizedDimension = axis
-            int8_tensor.quantization = params
-            subgraph.tensors.append(int8_tensor)
-            # The float filter tensor stays, with no data: DEQUANTIZE's output.
-            tensor.buffer = 0
-            dequantize = schema.OperatorT()
-            dequantize.opcodeIndex = code
-            dequantize.inputs = np.array([len(subgraph.tensors) - 1], np.int32)
-            dequantize.outputs = np.array([op.inputs[1]], np.int32)
-            dequantize_before.setdefault(position, []).append(dequantize)
-            stored += 1
         operators = []
-        for position, op in enumerate(subgraph.operators):
-            operators.extend(dequantize_before.get(position, []))
+        for op in subgraph.operators:
+            if id(op) in dequantize_before:
+                operators.append(dequantize_before[id(op)])
             operators.append(op)
         subgraph.operators = operators
-    return _serialize(model), stored
+    return _serialize(model), len(dequantize_before)
 
 
 def _op_name(model, op) -> str:
