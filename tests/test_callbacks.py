@@ -157,5 +157,47 @@ def test_clip_learning_rate_scales_the_clips_step_exactly(tiny_data):
     # The weights take their full step either way (one step: same gradients).
     np.testing.assert_allclose(kernel_half[1], kernel_full[1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(kernel_frozen[1], kernel_frozen[0])
-    with pytest.raises(ValueError, match="multiplier must be in"):
-        ClipLearningRate(1.5)
+    # The clips' absolute learning rate: 0.025 against the weights' 0.05 is the multiplier 0.5.
+    _, absolute, kernel_absolute = _clips_after_one_step(
+        model, x, y, [ClipLearningRate(learning_rate=0.025)])
+    for h, a in zip(half, absolute):
+        np.testing.assert_allclose(a, h, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(kernel_absolute[1], kernel_full[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="multiplier must be >= 0"):
+        ClipLearningRate(-0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        ClipLearningRate(0.5, learning_rate=0.1)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        ClipLearningRate(learning_rate=0.0)
+
+
+def test_no_weight_decay_reaches_the_clips():
+    """The quantizer-parameter group has no weight decay: the model's regularization losses
+    (the L2 decay on kernels) have no gradient with respect to any clip."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from tests.conftest import tiny_cnn  # pylint: disable=import-outside-toplevel
+    qat = tfacd.quantize_model(tiny_cnn(regularize=True), weight_bits=2, activation_bits=2)
+    clips = [i.variables[name] for i in tfacd.list_quantizers(qat) for name in ("lower", "upper")]
+    with tf.GradientTape() as tape:
+        qat(np.zeros((2, 8, 8, 3), "float32"), training=True)
+        decay = tf.add_n(qat.losses)
+    assert float(decay) > 0                                  # the kernels are decayed
+    assert all(g is None for g in tape.gradient(decay, clips))
+
+
+def test_l2_mode_moves_lower_and_upper_clips_by_their_own_strengths(tiny_model, tiny_data):
+    x, y = tiny_data
+    qat = tfacd.quantize_model(tiny_model, weight_bits=2, activation_bits=2)
+    tfacd.calibrate(qat, x)
+    before = {(i.layer, i.tensor): (i.variables["lower"].numpy().copy(),
+                                    i.variables["upper"].numpy().copy())
+              for i in tfacd.list_quantizers(qat)}
+    callback = ClipDecay(mode="l2", lower_strength=0.1, upper_strength=0.3,
+                         schedule="constant")
+    _frozen_fit(qat, x, y, callback)                         # one step, optimizer frozen
+    for info in tfacd.list_quantizers(qat):
+        lower, upper = before[(info.layer, info.tensor)]
+        np.testing.assert_allclose(info.variables["lower"].numpy(), 0.9 * lower, rtol=1e-6)
+        np.testing.assert_allclose(info.variables["upper"].numpy(), 0.7 * upper, rtol=1e-6)
+    with pytest.raises(ValueError, match="lower_strength must be in"):
+        ClipDecay(mode="l2", lower_strength=1.5)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.test_data import make_folder
@@ -152,6 +153,9 @@ def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
     (["--weight_bits=1"], "weight_bits must be an integer from 2 to 8"),
     (["--config=CONFIG_WITH_TYPO"], "unknown config key 'wieght_bits'"),
     (["--mode=qat", "--init_from=/nonexistent/run"], "no checkpoint there"),
+    (["--distill_weight=1.5"], "distill_weight must be in [0, 1]"),
+    (["--distill_weight=0.5"], "distill_weight > 0 needs --mode=qat"),
+    (["--acd=l2", "--acd_upper_strength=2"], "strengths are fractions per step"),
 ])
 def test_bad_input_exits_2_with_one_line(folder, tmp_path, args, message):
     args = [a.replace("CONFIG_WITH_TYPO", str(tmp_path / "typo.yaml")) for a in args]
@@ -163,6 +167,44 @@ def test_bad_input_exits_2_with_one_line(folder, tmp_path, args, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_progressive_stage_with_distillation_and_bn_reestimation(folder, float_run,
+                                                                 tmp_path):
+    """W4A4 from the float run, then W2A2 from the W4A4 run: weights carried, clips derived
+    at 2 bits, the float run (the chain's root) as the teacher, BatchNorm re-estimated, the
+    clips in their own learning-rate group with the clip L2 decay."""
+    w4a4, w2a2 = tmp_path / "w4a4", tmp_path / "w2a2"
+    result = run_cli(f"--dataset={folder}", f"--model_dir={w4a4}", "--mode=qat",
+                     f"--init_from={float_run}", "--weight_bits=4", "--activation_bits=4",
+                     "--epochs=1", "--steps_per_epoch=2", "--export=false", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli(f"--dataset={folder}", f"--model_dir={w2a2}", "--mode=qat",
+                     f"--init_from={w4a4}", "--weight_bits=2", "--activation_bits=2",
+                     "--distill_weight=0.8", "--distill_temperature=2", "--acd=l2",
+                     "--acd_schedule=constant", "--clip_learning_rate=0.0001",
+                     "--bn_reestimate_batches=2", "--sqnr_weight=0.01", "--epochs=1",
+                     "--steps_per_epoch=2", "--export=false", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "progressive start: weights of the W4A4 run" in result.stdout
+    results = _results(w2a2)
+    history = results["history"]
+    assert {"distill_loss", "task_loss", "val_accuracy", "acd_lower_strength"} <= set(history)
+    assert np.isfinite(history["distill_loss"]).all()
+    assert results["config"]["distill_weight"] == 0.8 and results["val_accuracy"] is not None
+    # The teacher is the float run: with another teacher (the W4A4 run) the loss differs.
+    other = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'other'}", "--mode=qat",
+                    f"--init_from={w4a4}", f"--distill_from={w4a4}", "--weight_bits=2",
+                    "--activation_bits=2", "--distill_weight=0.8", "--distill_temperature=2",
+                    "--acd=l2", "--acd_schedule=constant", "--clip_learning_rate=0.0001",
+                    "--bn_reestimate_batches=2", "--sqnr_weight=0.01", "--epochs=1",
+                    "--steps_per_epoch=2", "--export=false", *TINY)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert _results(tmp_path / "other")["history"]["distill_loss"] != history["distill_loss"]
+    missing = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'bad'}", "--mode=qat",
+                      f"--init_from={w4a4}", "--distill_weight=0.5",
+                      "--distill_from=/nonexistent/teacher", *TINY)
+    assert missing.returncode == 2 and "--distill_from=/nonexistent/teacher" in missing.stderr
 
 
 def test_corrupt_image_and_mismatched_init_exit_2(folder, float_run, tmp_path):

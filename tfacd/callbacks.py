@@ -22,6 +22,15 @@ into them: each activation quantizer (built with `QuantizeScheme(acd_pull=True)`
 
 to the loss, whose gradient flows into the weights that produce `x`, never into the clips.
 
+**mode="l2".** PACT's clip L2 decay with separate lower and upper strengths, decoupled from
+the optimizer (`tfacd.ops.clip_l2_decay`), after every training step::
+
+    l_c <- (1 - lambda_l(t)) * l_c
+    u_c <- (1 - lambda_u(t)) * u_c
+
+It shrinks every clip toward zero whatever the data range; the task loss (and the SQNR loss)
+push back where clipping costs accuracy.
+
 **Schedules** of the strengths over training progress `t` in [0, 1] (optimizer steps done /
 total steps, so a resumed run continues where it was):
 
@@ -45,7 +54,7 @@ from tfacd._keras import keras
 from tfacd.quantizers import iter_quantizers
 
 SCHEDULES = ("constant", "ramp", "cosine", "linear")
-MODES = ("decay", "pull")
+MODES = ("decay", "pull", "l2")
 TARGETS = ("all", "weights", "activations")
 
 
@@ -68,11 +77,12 @@ class ClipDecay(keras.callbacks.Callback):
 
     Args:
       lower_strength: `lambda_l` at full strength. In "decay" mode the fraction of the unused
-        range below the data removed per step (in [0, 1]); in "pull" mode the penalty weight.
+        range below the data removed per step (in [0, 1]); in "l2" mode the fraction of the
+        clip removed per step (in [0, 1]); in "pull" mode the penalty weight.
       upper_strength: `lambda_u`, the same for the upper clips.
       schedule: "constant", "ramp", "cosine" or "linear".
-      mode: "decay" or "pull".
-      apply_to: "all", "weights" or "activations" (decay mode only).
+      mode: "decay", "l2" or "pull".
+      apply_to: "all", "weights" or "activations" ("decay" and "l2" modes).
       warmup: fraction of training over which "ramp" rises.
       every_n_steps: apply the decay every n steps (decay mode).
     """
@@ -89,8 +99,8 @@ class ClipDecay(keras.callbacks.Callback):
             raise ValueError(f"apply_to must be one of {TARGETS}, got {apply_to!r}")
         for name, value in (("lower_strength", lower_strength),
                             ("upper_strength", upper_strength)):
-            if not float(value) >= 0 or (mode == "decay" and float(value) > 1):
-                bound = "in [0, 1]" if mode == "decay" else ">= 0"
+            if not float(value) >= 0 or (mode != "pull" and float(value) > 1):
+                bound = "in [0, 1]" if mode != "pull" else ">= 0"
                 raise ValueError(f"{name} must be {bound} in {mode} mode, got {value!r}")
         if not (isinstance(every_n_steps, int) and every_n_steps >= 1):
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
@@ -130,7 +140,7 @@ class ClipDecay(keras.callbacks.Callback):
             self._targets = [v for _, _, q, v in iter_quantizers(self.model) if q.acd_pull]
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         self._total_steps = epochs * steps if epochs and steps else None
-        if self.mode == "decay":
+        if self.mode != "pull":
             # One traced function per model and targets, kept across `fit` calls: tracing it
             # (two variable updates per quantizer) costs about a second, which a loop that
             # calls `fit` repeatedly would otherwise pay at every call.
@@ -144,7 +154,7 @@ class ClipDecay(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         progress = self._progress()
         lam_l, lam_u = self._set_strengths(progress)
-        if self.mode == "decay":
+        if self.mode != "pull":
             step = int(self.model.optimizer.iterations.numpy())
             if step % self.every_n_steps == 0 and (lam_l > 0 or lam_u > 0):
                 self._apply(tf.constant(lam_l, tf.float32), tf.constant(lam_u, tf.float32))
@@ -172,45 +182,70 @@ class ClipDecay(keras.callbacks.Callback):
 
     def _decay_all(self, lam_l, lam_u):
         for variables in self._targets:
-            lower, upper = ops.clip_decay(variables["lower"], variables["upper"],
-                                          variables["data_min"], variables["data_max"],
-                                          lam_l, lam_u)
+            if self.mode == "l2":
+                lower, upper = ops.clip_l2_decay(variables["lower"], variables["upper"],
+                                                 lam_l, lam_u)
+            else:
+                lower, upper = ops.clip_decay(variables["lower"], variables["upper"],
+                                              variables["data_min"], variables["data_max"],
+                                              lam_l, lam_u)
             variables["lower"].assign(lower)
             variables["upper"].assign(upper)
 
 
 class ClipLearningRate(keras.callbacks.Callback):
-    """Scales every optimizer step of the clip variables by `multiplier`, for any optimizer.
+    """The quantizer parameters' own optimizer group: their own learning rate, no weight decay.
 
-    After each training step::
+    After each training step every clip variable (`lower`, `upper` of every tfacd quantizer)
+    is moved back onto::
 
-        l <- l_before + multiplier * (l_after - l_before)      (u the same)
+        l <- l_before + m * (l_after - l_before)      (u the same)
 
-    where `l_before`, `l_after` are the clip before and after the optimizer's update. Adam's
-    and SGD-momentum's states depend only on gradients, not on the variables' values, so this
-    is exactly a per-variable learning rate of `multiplier * lr` for the clips. Why: LSQ's
-    gradient scale `g = 1 / sqrt(N n)` (`tfacd.ops`) sets the clips' step size relative to the
-    weights' under SGD, but Adam normalizes every variable's step to about `lr` whatever its
-    gradient's scale, so per-channel clips, which see few elements each, move as fast as the
-    weights. Place it before `ClipDecay` in the callback list, so the decay is not scaled.
+    where `l_before`, `l_after` are the clip before and after the optimizer's update and `m`
+    the multiplier. The states of Adam and of SGD with (Nesterov) momentum are linear in the
+    learning rate or independent of it, so this is exactly a learning rate of `m * lr(t)` for
+    the clips, following the weights' schedule, for any optimizer the run uses. Give either
+    `multiplier` or the clips' absolute `learning_rate` (then `m = learning_rate / lr(0)`, the
+    weights' learning rate at step 0).
+
+    No weight decay reaches the clips: tfacd's models put their L2 decay on kernels only
+    (`kernel_regularizer`), and the clips carry no regularizer. Clip decay, when wanted, is
+    ACD (`ClipDecay`), whose update this callback does not scale: place it before `ClipDecay`
+    in the callback list.
+
+    Why: LSQ's gradient scale `g = 1 / sqrt(N n)` (`tfacd.ops`) sets the clips' step size
+    relative to the weights' under SGD, but Adam normalizes every variable's step to about
+    `lr` whatever its gradient's scale, so per-channel clips, which see few elements each,
+    move as fast as the weights. Published low-bit recipes train quantizer parameters at
+    `lr / 100` (PROFIT, Park and Yoo 2020) or `lr / 10` (N2UQ, Liu et al. 2022).
 
     Args:
-      multiplier: in [0, 1]; 0 freezes the clips where calibration put them.
+      multiplier: `m >= 0`; 0 freezes the clips where calibration put them.
+      learning_rate: the clips' learning rate at step 0 (> 0), instead of `multiplier`.
     """
 
-    def __init__(self, multiplier: float):
+    def __init__(self, multiplier: float | None = None, learning_rate: float | None = None):
         super().__init__()
-        if not 0.0 <= float(multiplier) <= 1.0:
-            raise ValueError(f"multiplier must be in [0, 1], got {multiplier!r}")
-        self.multiplier = float(multiplier)
+        if (multiplier is None) == (learning_rate is None):
+            raise ValueError("give exactly one of multiplier and learning_rate")
+        if multiplier is not None and not float(multiplier) >= 0.0:
+            raise ValueError(f"multiplier must be >= 0, got {multiplier!r}")
+        if learning_rate is not None and not float(learning_rate) > 0.0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        self.multiplier = None if multiplier is None else float(multiplier)
+        self.learning_rate = None if learning_rate is None else float(learning_rate)
         self._clips = []
         self._before = None
         self._snapshot = self._blend = None
 
     def get_config(self):
-        return {"multiplier": self.multiplier}
+        return {"multiplier": self.multiplier, "learning_rate": self.learning_rate}
 
     def on_train_begin(self, logs=None):
+        if self.learning_rate is not None:
+            self._scale = self.learning_rate / _initial_learning_rate(self.model.optimizer)
+        else:
+            self._scale = self.multiplier
         # By reference, once each: a variable listed twice would be scaled twice.
         unique = {variables[name].ref(): variables[name]
                   for _, _, _, variables in iter_quantizers(self.model)
@@ -231,4 +266,12 @@ class ClipLearningRate(keras.callbacks.Callback):
 
     def _blend_all(self, before):
         for variable, old in zip(self._clips, before):
-            variable.assign(old + self.multiplier * (variable - old))
+            variable.assign(old + self._scale * (variable - old))
+
+
+def _initial_learning_rate(optimizer) -> float:
+    """The optimizer's learning rate at step 0, for a constant rate or a schedule."""
+    rate = optimizer.learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(0)
+    return float(tf.convert_to_tensor(rate).numpy())

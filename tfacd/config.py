@@ -15,7 +15,7 @@ from tfacd import ops
 
 MODES = ("float", "qat", "eval", "export")
 GRANULARITIES = ("per_layer", "per_channel")
-ACD_CHOICES = ("off", "decay", "pull")
+ACD_CHOICES = ("off", "decay", "pull", "l2")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
 ACTIVATION_POLICIES = ("clamp", "round", "float")  # tfacd.export.ACTIVATION_POLICIES
@@ -35,7 +35,8 @@ class ExperimentConfig:
     data_dir: str = ""
     model_dir: str = "runs/default"
     mode: str = "float"
-    init_from: str = ""
+    init_from: str = ""                  # a float run (QAT starts from it), or a QAT run at
+                                         # higher bits (progressive: its weights, new clips)
     architecture: str = "mobilenet_v2_cifar"   # or "mobilenet_v2_cifar_tiny" (smoke tests)
     width: float = 0.5
     num_classes: int = 0                 # 0: from the dataset
@@ -57,6 +58,14 @@ class ExperimentConfig:
     learning_rate: float = 0.05
     optimizer: str = "sgd"               # sgd (Nesterov momentum 0.9) or adam
     clip_lr_multiplier: float = 1.0      # QAT: the clips' learning rate / the weights'
+    clip_learning_rate: float = 0.0      # QAT: the clips' own learning rate; 0: use the
+                                         # multiplier (tfacd.callbacks.ClipLearningRate)
+    distill_weight: float = 0.0          # QAT: share of the distillation loss, 0 (off) to 1
+    distill_temperature: float = 1.0     # softmax temperature of the distillation loss
+    distill_from: str = ""               # the teacher run; "": the float run that
+                                         # --init_from starts from (tfacd.distill)
+    bn_reestimate_batches: int = 0       # QAT: recompute BatchNorm statistics on this many
+                                         # training batches before each evaluation (0: off)
     clip_norm: float = 5.0               # global gradient-norm clip; 0 turns it off
     weight_decay: float = 4e-5
     bn_momentum: float = 0.99
@@ -106,8 +115,18 @@ class ExperimentConfig:
         need(self.optimizer in OPTIMIZERS,
              f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
-        need(0 <= self.clip_lr_multiplier <= 1,
-             f"clip_lr_multiplier must be in [0, 1], got {self.clip_lr_multiplier!r}")
+        need(self.clip_lr_multiplier >= 0,
+             f"clip_lr_multiplier must be >= 0, got {self.clip_lr_multiplier!r}")
+        need(self.clip_learning_rate >= 0,
+             f"clip_learning_rate must be >= 0, got {self.clip_learning_rate!r}")
+        need(0 <= self.distill_weight <= 1,
+             f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        need(self.distill_temperature > 0,
+             f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+        need(not self.distill_weight or self.mode == "qat",
+             "distill_weight > 0 needs --mode=qat (distillation trains a QAT student)")
+        need(self.bn_reestimate_batches >= 0,
+             f"bn_reestimate_batches must be >= 0, got {self.bn_reestimate_batches!r}")
         need(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm!r}")
         need(self.sqnr_weight >= 0, f"sqnr_weight must be >= 0, got {self.sqnr_weight!r}")
         need(0 <= self.val_fraction < 1,
@@ -117,6 +136,10 @@ class ExperimentConfig:
         need(0 <= self.bn_momentum < 1, f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
         need(0 <= self.acd_lower_strength and 0 <= self.acd_upper_strength,
              "acd strengths must be >= 0")
+        need(self.acd not in ("decay", "l2")
+             or (self.acd_lower_strength <= 1 and self.acd_upper_strength <= 1),
+             f"acd={self.acd} strengths are fractions per step and must be in [0, 1], got "
+             f"{self.acd_lower_strength!r} and {self.acd_upper_strength!r}")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes!r}")
         need(self.calibration_batches >= 1, "calibration_batches must be >= 1")
         need(self.export_input_type in EXPORT_INPUT_TYPES,

@@ -663,6 +663,28 @@ def clip_decay(lower, upper, data_min, data_max, lower_strength, upper_strength)
     return new_lower, new_upper
 
 
+def clip_l2_decay(lower, upper, lower_strength, upper_strength):
+    """One ACD step in the "l2" reading: decoupled L2 decay of the clips toward zero.
+
+    ::
+
+        l <- (1 - lambda_l) * l
+        u <- (1 - lambda_u) * u
+
+    PACT (Choi et al. 2018) puts an L2 penalty on its learnable clip; with Adam such a penalty
+    in the loss is rescaled by the optimizer, so here it is applied to the variables directly
+    after each step (as AdamW decouples weight decay), with separate strengths `lambda_l`,
+    `lambda_u` in `[0, 1]` for the lower and upper clip. Unlike `clip_decay` it pulls every
+    clip inward whatever the data range, and the task loss pushes back where clipping hurts.
+    The result keeps `u - l >= MIN_RANGE`.
+    """
+    lower = tf.convert_to_tensor(lower, tf.float32)
+    upper = tf.convert_to_tensor(upper, tf.float32)
+    new_lower = (1.0 - lower_strength) * lower
+    new_upper = tf.maximum((1.0 - upper_strength) * upper, new_lower + MIN_RANGE)
+    return new_lower, new_upper
+
+
 def out_of_range_penalty(x, lower, upper, axis: int | None):
     """ACD, "pull" reading: the activations' excursions outside the clips, clips held fixed.
 

@@ -337,9 +337,16 @@ class QuantizerInfo:
 
 
 def iter_quantizers(model):
-    """Yields `(layer, tensor_name, quantizer, variables)` for every tfacd quantizer in `model`."""
+    """Yields `(layer, tensor_name, quantizer, variables)` for every tfacd quantizer in `model`.
+
+    Nested trainable models are searched too (a `tfacd.distill.Distiller`'s student); a nested
+    model set non-trainable (its frozen teacher) is not: callbacks that move clips must never
+    reach a model that does not train."""
     for layer in model.layers:
-        if isinstance(layer, quantize_wrapper.QuantizeWrapper):
+        if isinstance(layer, keras.Model):
+            if layer.trainable:
+                yield from iter_quantizers(layer)
+        elif isinstance(layer, quantize_wrapper.QuantizeWrapper):
             for weight, quantizer, variables in getattr(layer, "_weight_vars", []):
                 if isinstance(quantizer, ClipQuantizer):
                     yield layer, weight.name.split("/")[-1].split(":")[0], quantizer, variables

@@ -41,15 +41,36 @@ def make_strategy(name: str):
     raise ConfigError(f"unknown strategy {name!r}")
 
 
-def _weights_prefix(init_from: str) -> str:
+def _weights_prefix(run: str, flag: str = "--init_from") -> str:
     """A run directory or a checkpoint prefix -> the checkpoint prefix to load."""
-    path = pathlib.Path(init_from)
+    path = pathlib.Path(run)
     if path.is_dir():
         path = path / FINAL_WEIGHTS
     if not tf.io.gfile.exists(str(path) + ".index"):
-        raise ConfigError(f"--init_from={init_from}: no checkpoint there (expected a run "
+        raise ConfigError(f"{flag}={run}: no checkpoint there (expected a run "
                           f"directory holding {FINAL_WEIGHTS}, or a checkpoint prefix)")
     return str(path)
+
+
+def _saved_config(run_dir) -> ExperimentConfig | None:
+    """The config a finished run in `run_dir` was trained with, or None (no results.json)."""
+    path = pathlib.Path(run_dir) / RESULTS
+    if not path.is_file():
+        return None
+    values = json.loads(path.read_text()).get("config", {})
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    return ExperimentConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def _root_float_run(init_from: str) -> str:
+    """The float run at the start of a chain of `--init_from` runs (progressive stages)."""
+    path, seen = init_from, set()
+    while True:
+        saved = _saved_config(path)
+        if saved is None or saved.mode != "qat" or not saved.init_from or path in seen:
+            return path
+        seen.add(path)
+        path = saved.init_from
 
 
 def _check_same_split(config: ExperimentConfig):
@@ -75,6 +96,37 @@ def build_float_model(config: ExperimentConfig, splits: data_lib.Splits):
         config.architecture, width=config.width, num_classes=config.num_classes or splits.num_classes,
         input_shape=splits.image_shape, bn_momentum=config.bn_momentum,
         weight_decay=config.weight_decay)
+
+
+def model_of_run(path: str, config: ExperimentConfig, splits: data_lib.Splits, what: str):
+    """The model a run directory (float or QAT; rebuilt from its results.json config) or a
+    bare checkpoint prefix (a float model of `config`'s architecture) holds, weights loaded."""
+    saved = _saved_config(path) or dataclasses.replace(config, mode="float")
+    model = build_float_model(saved, splits)
+    if saved.mode == "qat":
+        model = quantize(saved, model)
+    load_weights(model, _weights_prefix(path, what), what)
+    return model
+
+
+def initial_weights(model, config: ExperimentConfig, splits: data_lib.Splits):
+    """Loads `--init_from` into the float `model`: a float run's weights as they are; a QAT
+    run's own weights without its clips (progressive precision, `tfacd.progressive`)."""
+    saved = _saved_config(config.init_from)
+    if saved is None or saved.mode != "qat":
+        load_weights(model, _weights_prefix(config.init_from), "--init_from")
+        return
+    if saved.tfmot_default:
+        raise ConfigError(f"--init_from={config.init_from} is a tfmot default QAT run; "
+                          "progressive stages start from tfacd runs")
+    source = model_of_run(config.init_from, config, splits, "--init_from")
+    try:
+        tfacd.progressive.transfer_weights(source, model)
+    except ValueError as error:
+        raise ConfigError(f"--init_from={config.init_from}: {error}") from None
+    print(f"progressive start: weights of the W{saved.weight_bits}A{saved.activation_bits} "
+          f"run {config.init_from}; clips derived anew for W{config.weight_bits}"
+          f"A{config.activation_bits}")
 
 
 def quantize(config: ExperimentConfig, model):
@@ -228,9 +280,13 @@ def run(config: ExperimentConfig) -> dict:
         return export_run(config)
     if config.mode == "qat" and not config.init_from:
         raise ConfigError("--mode=qat needs --init_from (a float run's model_dir or checkpoint)")
-    init_prefix = _weights_prefix(config.init_from) if config.init_from else None
     if config.init_from:
+        _weights_prefix(config.init_from)              # fails now, before data is read
         _check_same_split(config)
+    teacher_path = None
+    if config.distill_weight > 0:
+        teacher_path = config.distill_from or _root_float_run(config.init_from)
+        _weights_prefix(teacher_path, "--distill_from")
     # A multi-worker strategy must exist before any other TensorFlow op runs.
     strategy = make_strategy(config.strategy)
     chief, worker_id = _role(strategy)
@@ -258,17 +314,23 @@ def run(config: ExperimentConfig) -> dict:
 
     with strategy.scope():
         model = build_float_model(config, splits)
-        if init_prefix:
-            load_weights(model, init_prefix, "--init_from")
+        if config.init_from:
+            initial_weights(model, config, splits)
         if config.mode == "qat":
             model = quantize(config, model)
             if not config.tfmot_default:
                 tfacd.calibrate(model, train_eval_data, config.calibration_batches)
         if config.freeze_bn:
             freeze_batch_norms(model)
-        model.compile(optimizer=_optimizer(config, steps * config.epochs),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+        # What `fit` trains: the model, or a distiller around it (the model is its student).
+        trainer = model
+        if teacher_path:
+            teacher = model_of_run(teacher_path, config, splits, "--distill_from")
+            trainer = tfacd.distill.Distiller(model, teacher, weight=config.distill_weight,
+                                              temperature=config.distill_temperature)
+        trainer.compile(optimizer=_optimizer(config, steps * config.epochs),
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        metrics=["accuracy"])
 
     # One backup dir for all workers: Keras gives non-chief workers temporary copies itself.
     backup_dir = pathlib.Path(config.model_dir) / "backup"
@@ -277,13 +339,22 @@ def run(config: ExperimentConfig) -> dict:
     quantized = config.mode == "qat" and not config.tfmot_default
     if quantized:
         sample = next(iter(val_data if val_data is not None else train_eval_data))[0]
-        if config.clip_lr_multiplier != 1.0:      # before ClipDecay: the decay is not scaled
+        # The quantizer parameters' own learning rate; before ClipDecay, whose update it
+        # must not scale.
+        if config.clip_learning_rate:
+            callbacks.append(tfacd.callbacks.ClipLearningRate(
+                learning_rate=config.clip_learning_rate))
+        elif config.clip_lr_multiplier != 1.0:
             callbacks.append(tfacd.callbacks.ClipLearningRate(config.clip_lr_multiplier))
         if config.acd != "off":
             callbacks.append(tfacd.callbacks.ClipDecay(
                 lower_strength=config.acd_lower_strength,
                 upper_strength=config.acd_upper_strength, schedule=config.acd_schedule,
                 mode=config.acd))
+        if config.bn_reestimate_batches:
+            # Before SQNRMonitor and the validation: both measure the inference pass.
+            callbacks.append(tfacd.batch_norm.BatchNormReestimation(
+                train_data, config.bn_reestimate_batches))
         callbacks.append(tfacd.sqnr.SQNRMonitor(sample[:64]))
         if chief:
             callbacks.append(ClipHistograms(str(model_dir / "logs")))
@@ -292,15 +363,18 @@ def run(config: ExperimentConfig) -> dict:
         callbacks.append(EpochLog(model_dir / EPOCH_LOG))
 
     start = time.perf_counter()
-    history = model.fit(train_data, validation_data=val_data, epochs=config.epochs,
+    history = trainer.fit(train_data, validation_data=val_data, epochs=config.epochs,
                         steps_per_epoch=steps, callbacks=callbacks, verbose=1)
     train_seconds = time.perf_counter() - start
     losses = history.history.get("loss", [])
-    if losses and not np.isfinite(losses[-1]) or model.stop_training:
+    if losses and not np.isfinite(losses[-1]) or trainer.stop_training:
         raise TrainingDiverged(f"training diverged (loss {losses[-1] if losses else 'NaN'}); "
                                "lower --learning_rate or --clip_norm and rerun with "
                                "--overwrite")
     model.save_weights(str(model_dir / FINAL_WEIGHTS))
+    if trainer is not model:          # the student alone is evaluated and exported
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
 
     results = _evaluate(model, splits, config, quantized)
     epochs_run = len(history.history.get("loss", []))
@@ -439,19 +513,12 @@ def depthwise_activation_ranges(model, x) -> dict:
 
 def _rebuild(model_dir: pathlib.Path, what: str):
     """(model with the run's final weights, its data splits, its config) from a run dir."""
-    results_path = model_dir / RESULTS
-    if not results_path.is_file():
-        raise ConfigError(f"{what}: {results_path} not found (train there first)")
-    saved_values = json.loads(results_path.read_text())["config"]
-    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    saved = ExperimentConfig(**{k: v for k, v in saved_values.items() if k in known})
+    saved = _saved_config(model_dir)
+    if saved is None:
+        raise ConfigError(f"{what}: {model_dir / RESULTS} not found (train there first)")
     splits = data_lib.load(saved.dataset, saved.data_dir or None, saved.val_fraction,
                            saved.split_seed)
-    model = build_float_model(saved, splits)
-    if saved.mode == "qat":
-        model = quantize(saved, model)
-    load_weights(model, str(model_dir / FINAL_WEIGHTS), "--model_dir")
-    return model, splits, saved
+    return model_of_run(str(model_dir), saved, splits, "--model_dir"), splits, saved
 
 
 def evaluate_run(config: ExperimentConfig) -> dict:
