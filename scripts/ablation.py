@@ -1,11 +1,13 @@
-"""Runs an ablation plan: a float run, then QAT runs that all start from it.
+"""Runs an ablation plan: a float run, then QAT runs that start from it or from each other.
 
     python scripts/ablation.py --plan configs/plans/ablation_cifar10.yaml --runs_dir RUNS \\
         --dataset ../shared/data/cifar10-jpeg --parallel 2
     python scripts/ablation.py --plan configs/plans/ablation_cifar10.yaml --runs_dir RUNS --status
 
 The plan (YAML) names every run with its experiment config and flag overrides; `qat` holds
-the flags every QAT run shares (the common budget). Each run is `train_main.py` in its own
+the flags every QAT run shares (the common budget). A QAT run starts from the float run,
+or from the run its `init_from` names (a progressive stage, e.g. W4A4 -> W2A2), and may
+name its distillation teacher with `distill_from`; a run waits for the runs it names. Each run is `train_main.py` in its own
 process with its log in `RUNS/<name>.log`, so the plan is resumable at any moment: a run with
 `results.json` is done and skipped; an unfinished one continues from its last finished epoch
 (Keras BackupAndRestore in train.py); rerunning this command picks everything up. With
@@ -40,18 +42,31 @@ class PlanError(ValueError):
     pass
 
 
+RUN_REFERENCES = ("init_from", "distill_from")      # keys whose value names a plan run
+
+
 @dataclasses.dataclass
 class Run:
     name: str
     config_file: str
     overrides: dict
     mode: str
+    references: dict = dataclasses.field(default_factory=dict)   # init_from/distill_from
+
+    def needs(self, float_run: str) -> set[str]:
+        """The runs that must be finished before this one starts."""
+        needed = set(self.references.values())
+        if self.mode == "qat" and "init_from" not in self.references:
+            needed.add(float_run)
+        return needed
 
     def command(self, runs_dir: pathlib.Path, float_run: str | None) -> list[str]:
         args = [sys.executable, str(REPO / "train_main.py"),
                 f"--config={REPO / self.config_file}", f"--model_dir={runs_dir / self.name}"]
         if self.mode == "qat":
-            args.append(f"--init_from={runs_dir / float_run}")
+            args.append(f"--init_from={runs_dir / self.references.get('init_from', float_run)}")
+        if "distill_from" in self.references:
+            args.append(f"--distill_from={runs_dir / self.references['distill_from']}")
         args += [f"--{key}={_flag_value(value)}" for key, value in self.overrides.items()]
         return args
 
@@ -83,19 +98,31 @@ def load_plan(path: str, dataset: str | None) -> tuple[list[Run], str]:
             overrides["dataset"] = dataset
         if base.mode == "qat":
             overrides.update(plan.get("qat") or {})
+        references = {key: spec.pop(key) for key in RUN_REFERENCES if key in spec}
         overrides.update(spec)
-        for reserved in ("model_dir", "init_from"):
-            if reserved in overrides:
-                raise PlanError(f"{path}: run {name!r} sets {reserved}; the runner does")
+        if "model_dir" in overrides:
+            raise PlanError(f"{path}: run {name!r} sets model_dir; the runner does")
+        if base.init_from or base.distill_from:
+            raise PlanError(f"{path}: run {name!r}: {config_file} sets init_from or "
+                            "distill_from; in a plan, name a plan run instead")
         try:
             checked = config_lib.from_dict(overrides, base).validate()
         except config_lib.ConfigError as error:
             raise PlanError(f"{path}: run {name!r}: {error}") from None
-        runs.append(Run(name, config_file, overrides, checked.mode))
+        runs.append(Run(name, config_file, overrides, checked.mode, references))
         if checked.mode == "float":
             float_runs.append(name)
     if len(float_runs) != 1:
         raise PlanError(f"{path}: needs exactly one float run, found {float_runs}")
+    names = [run.name for run in runs]
+    for run in runs:
+        for key, target in run.references.items():
+            if target not in names or target == run.name:
+                raise PlanError(f"{path}: run {run.name!r}: {key}={target!r} is not another "
+                                f"run of the plan")
+            if key == "init_from" and names.index(target) > names.index(run.name):
+                raise PlanError(f"{path}: run {run.name!r} starts from {target!r}, which is "
+                                "listed after it: list the stages in order")
     return runs, float_runs[0]
 
 
@@ -114,6 +141,10 @@ def status(runs_dir: pathlib.Path, run: Run) -> dict:
     if run_dir.exists():
         return {"state": "partial", "epochs": epochs}
     return {"state": "not started", "epochs": 0}
+
+
+def _done(runs_dir: pathlib.Path, name: str) -> bool:
+    return (runs_dir / name / "results.json").is_file()
 
 
 def print_status(runs_dir: pathlib.Path, runs: list[Run]):
@@ -203,7 +234,7 @@ def main(argv=None) -> int:
         if execute(run, runs_dir, float_run, _cpu_groups(1)[0]) != 0:
             failed.append(run.name)
     qat = [r for r in todo if r.mode == "qat"]
-    if qat and status(runs_dir, Run(float_run, "", {}, "float"))["state"] != "done":
+    if qat and not _done(runs_dir, float_run):
         print(f"error: the float run {float_run} is not finished; QAT runs need it",
               file=sys.stderr)
         return 1
@@ -213,11 +244,26 @@ def main(argv=None) -> int:
         pending = {}
         queue = list(qat)
         while queue or pending:
-            while queue and free:
-                slot = free.pop(0)
-                run = queue.pop(0)
-                pending[pool.submit(execute, run, runs_dir, float_run, groups[slot])] = (
-                    run, slot)
+            # Start, in plan order, every run whose own starting points are finished; a run
+            # whose starting point failed fails too.
+            for run in list(queue):
+                needed = run.needs(float_run)
+                if needed & set(failed):
+                    queue.remove(run)
+                    failed.append(run.name)
+                    print(f"skip {run.name}: it needs {sorted(needed & set(failed))}, which "
+                          "failed", flush=True)
+                elif free and all(_done(runs_dir, name) for name in needed):
+                    queue.remove(run)
+                    slot = free.pop(0)
+                    pending[pool.submit(execute, run, runs_dir, float_run, groups[slot])] = (
+                        run, slot)
+            if not pending:
+                if queue:
+                    print(f"error: {[r.name for r in queue]} wait for runs that are not in "
+                          "this invocation (see --only)", file=sys.stderr)
+                    failed.extend(r.name for r in queue)
+                break
             finished, _ = concurrent.futures.wait(
                 pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:

@@ -24,6 +24,8 @@ runs:
   c10_w2a2_pc_acd_sqnr_s0: {config: configs/cifar10_w2a2_per_channel_acd_sqnr.yaml,
                             export: true}
   c10_tfmot_8bit: {config: configs/cifar10_tfmot_default_8bit.yaml, export: true}
+  c10_w2a2_from_w2a2: {config: configs/cifar10_w2a2_per_channel.yaml, init_from: c10_w2a2_pc_s0,
+                       distill_from: c10_float, distill_weight: 0.5, epochs: 1}
 """
 
 
@@ -67,7 +69,12 @@ def test_runner_trains_every_run_from_the_float_run(ablation):
     assert not (runs / "c10_w2a2_pc_s0" / "model.tflite").exists()
     # Status, and a rerun that finds everything done and trains nothing.
     status = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={runs}", "--status")
-    assert status.returncode == 0 and status.stdout.count(" done ") == 6, status.stdout
+    assert status.returncode == 0 and status.stdout.count(" done ") == 7, status.stdout
+    # A stage names the run it starts from and its teacher; it ran after both.
+    staged = json.loads((runs / "c10_w2a2_from_w2a2" / "results.json").read_text())
+    assert staged["config"]["init_from"] == str(runs / "c10_w2a2_pc_s0")
+    assert staged["config"]["distill_from"] == str(runs / "c10_float")
+    assert "distill_loss" in staged["history"]
     again = run_script("ablation.py", f"--plan={plan}", f"--runs_dir={runs}", "--parallel=2")
     assert again.returncode == 0 and "start" not in again.stdout, again.stdout
 
@@ -137,6 +144,13 @@ def test_export_diff_compares_keras_baked_graph_and_interpreter(ablation):
     ("runs:\n  f: {config: configs/cifar10_float.yaml, model_dir: x}\n",
      "sets model_dir"),
     ("run:\n  f: {config: configs/cifar10_float.yaml}\n", "unknown top-level keys"),
+    ("runs:\n  f: {config: configs/cifar10_float.yaml}\n"
+     "  q: {config: configs/cifar10_w2a2_per_layer.yaml, init_from: w4}\n",
+     "run 'q': init_from='w4' is not another run of the plan"),
+    ("runs:\n  f: {config: configs/cifar10_float.yaml}\n"
+     "  q: {config: configs/cifar10_w2a2_per_layer.yaml, init_from: w4}\n"
+     "  w4: {config: configs/cifar10_w4a4_per_layer.yaml}\n",
+     "listed after it"),
 ])
 def test_bad_plans_exit_2_before_training(tmp_path, plan_text, message):
     plan = tmp_path / "plan.yaml"
