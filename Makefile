@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make train   set up, then run the default short training job
+#   make train   set up, then run the main job: shipped float model -> W2A2 QAT -> TFLite
 #   make test    set up, then run the tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,11 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip check
 	touch $@
 
-# The main job: a short float run (configs/quickstart.yaml). Offline, CIFAR-10 cannot be
-# downloaded and it says how to use a folder instead, e.g.
-#   make train ARGS="--dataset=../shared/data/cifar10-jpeg"
+# The main job (tfacd/quickstart.py, configs/quickstart.yaml): the shipped float checkpoint,
+# a short W2A2 QAT, BatchNorm re-estimation, TFLite export, LiteRT evaluation and a summary.
+# Offline it uses the embedded CIFAR-10 sample. Flags go in ARGS, e.g. ARGS="--epochs=2".
 train: setup
-	$(PY) train_main.py --config=configs/quickstart.yaml $(ARGS)
+	$(PY) -m tfacd.quickstart $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests

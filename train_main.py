@@ -17,26 +17,13 @@ import sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app  # noqa: E402
 
+from tfacd import cli  # noqa: E402
 from tfacd import config as config_lib  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "YAML experiment file; flags given here override it.")
-for _name, _field in config_lib.FIELDS.items():
-    _default = _field.default
-    if isinstance(_default, bool):
-        flags.DEFINE_bool(_name, None, f"(default {_default})")
-    else:
-        flags.DEFINE_string(_name, None, f"(default {_default!r})")
-
-
-def build_config() -> config_lib.ExperimentConfig:
-    base = (config_lib.load_yaml(FLAGS.config) if FLAGS.config
-            else config_lib.ExperimentConfig())
-    overrides = {name: FLAGS[name].value for name in config_lib.FIELDS
-                 if FLAGS[name].present}
-    return config_lib.from_dict(overrides, base).validate()
+cli.define_flags()
+build_config = cli.build_config
 
 
 def main(argv):

@@ -6,7 +6,9 @@ Usage: python benchmarks/step_time.py [--width 0.5] [--batch_size 128] [--steps 
 Each variant is built, compiled and warmed up (tracing + 2 steps); then the variants are timed
 round-robin (`--rounds` rounds of `--steps` steps of `model.fit` on one cached batch, callbacks
 included), so drift in machine load hits them alike. The best round of each is reported.
-Target (issue #2): per-channel W2A2 + ClipDecay + SQNR <= 1.3x float and <= tfmot default QAT.
+Targets: per-channel W2A2 + ClipDecay + SQNR <= 1.3x float and <= tfmot default QAT (issue
+#2); with distillation from the float teacher added, <= 1.5x float (issue #19). The last row
+adds the rest of the QAT recipe that acts per step, the clips' own learning rate.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from tfacd._keras import keras  # noqa: E402
 
 
 XLA_VARIANT = "tfacd per-channel W2A2 + ACD + SQNR, XLA"
+DISTILL_VARIANT = "tfacd per-channel W2A2 + ACD + SQNR + distillation"
+RECIPE_VARIANT = DISTILL_VARIANT + " + clip lr"
 
 
 def build_variants(width: float, components: bool = False):
@@ -36,6 +40,11 @@ def build_variants(width: float, components: bool = False):
 
     def tfacd_variant(**kwargs):
         return lambda: tfacd.quantize_model(base(), **kwargs)
+
+    def distilled():
+        student = tfacd.quantize_model(base(), weight_bits=2, activation_bits=2,
+                                       sqnr_weight=0.05)
+        return tfacd.distill.Distiller(student, base(), weight=0.5, temperature=1.0)
 
     def constant_decay():
         # A constant schedule: the decay runs on every timed step (a cosine schedule would
@@ -56,6 +65,10 @@ def build_variants(width: float, components: bool = False):
         XLA_VARIANT: (
             tfacd_variant(weight_bits=2, activation_bits=2, sqnr_weight=0.05),
             [constant_decay]),
+        # The student trains; the float teacher runs a forward pass in inference mode.
+        DISTILL_VARIANT: (distilled, [constant_decay]),
+        RECIPE_VARIANT: (distilled, [lambda: tfacd.callbacks.ClipLearningRate(0.1),
+                                     constant_decay]),
     }
     if components:       # what each addition costs on its own
         variants["tfacd per-channel W2A2 + SQNR loss"] = (

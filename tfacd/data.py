@@ -52,12 +52,21 @@ class Splits:
 # Sources
 # ------------------------------------------------------------------------------------------
 
-def _online(host: str = "www.cs.toronto.edu", timeout: float = 3.0) -> bool:
+def online(host: str = "www.cs.toronto.edu", timeout: float = 3.0) -> bool:
     """True if the CIFAR download host answers: tfds.load would otherwise retry for minutes."""
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
+        return False
+
+
+def tfds_prepared(name: str, data_dir: str | None = None) -> bool:
+    """True if tensorflow-datasets holds `name` prepared in `data_dir` (no network used)."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    try:
+        return tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # pylint: disable=broad-except  # an unknown or broken builder
         return False
 
 
@@ -73,7 +82,7 @@ def load_tfds(name: str, data_dir: str | None = None, image_size: int | None = N
     try:
         (train, test), info = fetch(download=False)      # prepared already: no network
     except Exception:  # pylint: disable=broad-except  # tfds raises several kinds here
-        if not _online():
+        if not online():
             raise DataError(
                 f"{name} is not prepared in --data_dir={data_dir or '~/tensorflow_datasets'} "
                 "and cannot be downloaded (no network). Point --dataset at an image folder "

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +30,16 @@ EPOCH_LOG = "epochs.jsonl"            # one line per finished epoch, kept across
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 FINAL_WEIGHTS = "final/weights"       # a TF checkpoint prefix inside model_dir
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Prints one line when a phase starts and one with its wall time when it ends, so that
+    no long phase of a run sits silent."""
+    start = time.perf_counter()
+    print(f"[tfacd] {name} ...", flush=True)
+    yield
+    print(f"[tfacd] {name}: done in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def make_strategy(name: str):
@@ -293,8 +304,9 @@ def run(config: ExperimentConfig) -> dict:
     model_dir = _check_model_dir(config) if chief else _worker_dir(config, worker_id)
     keras.utils.set_random_seed(config.seed)
 
-    splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
-                           config.split_seed)
+    with phase(f"data: {config.dataset}"):
+        splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
+                               config.split_seed)
     batch = config.batch_size
     train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
                                    config.seed)
@@ -319,7 +331,9 @@ def run(config: ExperimentConfig) -> dict:
         if config.mode == "qat":
             model = quantize(config, model)
             if not config.tfmot_default:
-                tfacd.calibrate(model, train_eval_data, config.calibration_batches)
+                with phase(f"calibration of the W{config.weight_bits}A{config.activation_bits}"
+                           f" clips on {config.calibration_batches} batches"):
+                    tfacd.calibrate(model, train_eval_data, config.calibration_batches)
         if config.freeze_bn:
             freeze_batch_norms(model)
         # What `fit` trains: the model, or a distiller around it (the model is its student).
@@ -354,7 +368,7 @@ def run(config: ExperimentConfig) -> dict:
         if config.bn_reestimate_batches:
             # Before SQNRMonitor and the validation: both measure the inference pass.
             callbacks.append(tfacd.batch_norm.BatchNormReestimation(
-                train_data, config.bn_reestimate_batches))
+                train_data, config.bn_reestimate_batches, verbose=True))
         callbacks.append(tfacd.sqnr.SQNRMonitor(sample[:64]))
         if chief:
             callbacks.append(ClipHistograms(str(model_dir / "logs")))
@@ -376,7 +390,8 @@ def run(config: ExperimentConfig) -> dict:
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
 
-    results = _evaluate(model, splits, config, quantized)
+    with phase("evaluation"):
+        results = _evaluate(model, splits, config, quantized)
     epochs_run = len(history.history.get("loss", []))
     epochs = read_epoch_log(model_dir / EPOCH_LOG) if chief else []
     results.update({
@@ -395,9 +410,20 @@ def run(config: ExperimentConfig) -> dict:
         # and `--mode=export` can be rerun on it with other options.
         (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
         if config.export and config.mode == "qat":
-            results["tflite"] = _export(model, config, splits, model_dir)
+            with phase("TFLite export and LiteRT evaluation"):
+                results["tflite"] = _export(model, config, splits, model_dir)
             (model_dir / RESULTS).write_text(json.dumps(results, indent=2))
     return results
+
+
+def scoring_split(splits: data_lib.Splits):
+    """(images, labels) a run's TFLite file is scored on: the validation split; without one
+    the test split; without either the first 1,000 training images."""
+    if len(splits.x_val):
+        return splits.x_val, splits.y_val
+    if splits.x_test is not None:
+        return splits.x_test, splits.y_test
+    return splits.x_train[:1000], splits.y_train[:1000]
 
 
 def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) -> dict:
@@ -407,9 +433,7 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
     from tfacd import export  # pylint: disable=import-outside-toplevel
     path = model_dir / TFLITE
     report_path = model_dir / EXPORT_REPORT
-    pixels, labels = splits.x_val, splits.y_val
-    if not len(pixels):                 # no validation split: check on training images
-        pixels, labels = splits.x_train[:1000], splits.y_train[:1000]
+    pixels, labels = scoring_split(splits)
     if config.mode == "qat" and not config.tfmot_default:
         export.export_tflite(model, path, input_mean=splits.mean, input_std=splits.std,
                              input_type=config.export_input_type,

@@ -1,0 +1,35 @@
+"""Command-line flags for tfacd's entry points: every `ExperimentConfig` field is a flag.
+
+`--config` sets an experiment from YAML; any flag given on the command line overrides it.
+Used by `train_main.py` and `python -m tfacd.quickstart`.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tfacd import config as config_lib
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defines `--config` and one flag per config field (once per process)."""
+    if "config" in FLAGS:
+        return
+    flags.DEFINE_string("config", None, "YAML experiment file; flags given here override it.")
+    for name, field in config_lib.FIELDS.items():
+        default = field.default
+        if isinstance(default, bool):
+            flags.DEFINE_bool(name, None, f"(default {default})")
+        else:
+            flags.DEFINE_string(name, None, f"(default {default!r})")
+
+
+def build_config(default_yaml: str | None = None) -> config_lib.ExperimentConfig:
+    """The YAML given by `--config` (else `default_yaml`, else the defaults) with the flags
+    given on the command line applied, validated."""
+    path = FLAGS.config or default_yaml
+    base = config_lib.load_yaml(path) if path else config_lib.ExperimentConfig()
+    overrides = {name: FLAGS[name].value for name in config_lib.FIELDS if FLAGS[name].present}
+    return config_lib.from_dict(overrides, base).validate()
