@@ -121,9 +121,18 @@ def ship(runs_dir: pathlib.Path, names: list[str], to: pathlib.Path) -> list[pat
         target = to / name
         target.mkdir(parents=True, exist_ok=True)
         for file in SHIPPED_FILES:
-            if (source / file).is_file():
+            if not (source / file).is_file():
+                continue
+            if file.endswith(".json"):
+                # Paths of this machine's run folder become "runs/...": a shipped file
+                # names the run, not where it happened to live.
+                text = (source / file).read_text()
+                for prefix in {str(runs_dir), str(runs_dir.resolve())}:
+                    text = text.replace(prefix.rstrip("/") + "/", "runs/")
+                (target / file).write_text(text)
+            else:
                 shutil.copy2(source / file, target / file)
-                copied.append(target / file)
+            copied.append(target / file)
     return copied
 
 

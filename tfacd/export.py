@@ -58,13 +58,13 @@ What the bake does, and what is exact
     filters are stored as the int8 integers they hold behind a `DEQUANTIZE`
     (`store_float_filters_as_int8`), so the file keeps int8 filter bytes. The price is
     float compute: on trained width-1.0 MobileNetV2s, 99.70% agreement at W2A2 and W4A4,
-    at 1.6x the float file's latency (docs/results.md, "Per-channel activations in
-    TFLite").
+    at 1.6x the float file's latency (docs/export.md, "Measured on the shipped
+    files").
   - `"clamp"` (all int8): the tensor is quantized to 8 bits over the union of the channels'
     ranges `[min_c l'_c, max_c u'_c]`, and each channel keeps its own clips as per-channel
     `maximum`/`minimum` constants; its k-bit rounding is replaced by the union's 8-bit
     rounding. Approximate: a different function, which at 2 bits trained models do not
-    survive (38% top-1 agreement on a trained W2A2 run, docs/results.md).
+    survive (38% top-1 agreement on a trained W2A2 run, docs/export.md).
   - `"round"`: `clamp`, plus each channel rounded to its own k-bit grid in float between a
     `DEQUANTIZE` and a `QUANTIZE` onto the union grid. Values match up to half a union step.
 
@@ -79,7 +79,7 @@ What the bake does, and what is exact
 
 With per-tensor activations, the input normalization and the snapped biases, the file
 computes what the Keras model computes: on the trained CIFAR-10 runs the logits of 5,000
-validation images were equal bit for bit with XNNPACK (LiteRT's default; docs/results.md).
+validation images were equal bit for bit with XNNPACK (LiteRT's default; docs/export.md).
 TFLite's builtin kernels (no XNNPACK) are not exact: their per-channel depthwise
 requantization came out 7e-5 to 1e-4 (relative) off the file's multiplier, enough to move
 2-bit rounding decisions.
@@ -286,7 +286,7 @@ def _bake_weights(layer, bn_layer, quantized: bool,
         # number of levels, but TFLite's int32 bias has the scale s_in * s / K, K times finer.
         # At 2 bits the bias's own rounding (up to s_in * s / 2) is otherwise a sixth of an
         # output step and moved 9% of a trained model's first depthwise outputs to the next
-        # level (measured, docs/results.md).
+        # level (measured, docs/export.md).
         # With int4 storage the spread is limited to int4's [-8, 7]: K = 2 or 3 at 2 bits
         # instead of 42, a coarser bias grid (the bias snap makes Keras add the same bias).
         storage = "int4" if weight_storage == "int4" and _runs_int4_exactly(inner) and \
@@ -979,7 +979,7 @@ def _runs_int4_exactly(inner) -> bool:
     FULLY_CONNECTED). XNNPACK, LiteRT's default CPU path, runs int4 filters only in
     FULLY_CONNECTED; an int4 CONV_2D or DEPTHWISE_CONV_2D falls back to TFLite's builtin
     kernels, whose requantization rounds differently (measured: the int4 file of a trained
-    2-bit run agreed with Keras on 35% of images, docs/results.md)."""
+    2-bit run agreed with Keras on 35% of images, docs/export.md)."""
     if isinstance(inner, keras.layers.Dense):
         return True
     return (type(inner) is keras.layers.Conv2D  # pylint: disable=unidiomatic-typecheck
@@ -1068,7 +1068,7 @@ def store_float_filters_as_int8(model_path_or_bytes, baked: Bake) -> tuple[bytes
 
     The converter (TF 2.21) writes a weight fake-quant that feeds a float op as the float32
     values it computes, and none of its QDQ modes keeps int8 filters in front of float ops
-    (docs/results.md, "Per-channel activations in TFLite"). XNNPACK turns a constant
+    (docs/export.md). XNNPACK turns a constant
     filter's `DEQUANTIZE` into float weights once, when the delegate is built.
 
     Only layers `baked` quantized are touched (their integers and steps are known); each
@@ -1303,7 +1303,7 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     `s_in s_c`, the product of the input's and the channel's weight steps, so the file adds
     `b_c s_in s_c` where Keras adds its float bias `beta_c`: a difference of up to
     `s_in s_c / 2` per channel. Small, but a 2-bit model's rounding decisions move under
-    relative changes of 1e-5 (docs/results.md), and after a few layers a quarter of the
+    relative changes of 1e-5 (docs/export.md), and after a few layers a quarter of the
     values differ. Here each channel's difference is added to the Keras layer's bias, or to
     the beta of the BatchNormalization folded into it: `beta_c <- beta_c + (b_c s_in s_c -
     bias_c)`. Keras then adds exactly what the file adds.

@@ -1,4 +1,4 @@
-"""One-off diagnostic (session 4, issue #4): what 8-bit weights on level -128 do.
+"""One-off diagnostic: what 8-bit weights on level -128 do.
 
     PYTHONPATH=. python scripts/diagnostics/clamp_effect.py RUNS/c10_w2a2_pl_s0
 

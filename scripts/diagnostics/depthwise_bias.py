@@ -1,4 +1,4 @@
-"""One-off diagnostic (session 4, issue #4): the first depthwise layer of a W2A2 run's
+"""One-off diagnostic: the first depthwise layer of a W2A2 run's
 TFLite file, recomputed from its int8 tensors, against the baked graph.
 
     PYTHONPATH=. python scripts/diagnostics/depthwise_bias.py RUNS/c10_w2a2_pl_s0
@@ -7,7 +7,7 @@ Reads the run's model.tflite with the reference kernels and all tensors kept, an
 layer's input/output quantization, how its int32 bias (times its scale) differs from the
 baked graph's float bias, and where the two outputs differ. On the file exported before the
 bias fix it showed the bias off by up to 0.25 (output step 0.95): int32 bias values of
--1..4 on a grid of s_in * s_w (docs/results.md, "The exported files").
+-1..4 on a grid of s_in * s_w (docs/export.md).
 """
 import sys, pathlib, re, numpy as np, tensorflow as tf
 from tfacd import train, export
