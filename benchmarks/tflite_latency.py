@@ -36,7 +36,7 @@ def latency(path, pixels, threads: int, repeats: int) -> float:
     detail = runner.get_input_details()[0]
     runner.resize_tensor_input(detail["index"], pixels.shape)
     runner.allocate_tensors()
-    runner.set_tensor(detail["index"], export._to_input(  # pylint: disable=protected-access
+    runner.set_tensor(detail["index"], export.runtime._to_input(  # pylint: disable=protected-access
         pixels, runner.get_input_details()[0]))
     for _ in range(5):
         runner.invoke()

@@ -7,8 +7,9 @@
 The plan (YAML) names every run with its experiment config and flag overrides; `qat` holds
 the flags every QAT run shares (the common budget). A QAT run starts from the float run,
 or from the run its `init_from` names (a progressive stage, e.g. W4A4 -> W2A2), and may
-name its distillation teacher with `distill_from`; a run waits for the runs it names. Each run is `train_main.py` in its own
-process with its log in `RUNS/<name>.log`, so the plan is resumable at any moment: a run with
+name its distillation teacher with `distill_from`; a run waits for the runs it names.
+Each run is `train_main.py` in its own process with its log in `RUNS/<name>.log`, so the
+plan is resumable at any moment: a run with
 `results.json` is done and skipped; an unfinished one continues from its last finished epoch
 (Keras BackupAndRestore in train.py); rerunning this command picks everything up. With
 `--parallel N` the QAT runs go N at a time, each pinned to its own share of the CPUs (on this

@@ -85,17 +85,17 @@ def main(argv=None) -> int:
     print(f"perturbed {len(gammas)} BatchNorm gammas by a factor 1 + {args.perturbation:g}")
     baked = export.bake(model, splits.mean, splits.std, args.activation_policy)
     logits["baked graph"] = baked.function(tf.constant(pixels)).numpy()
-    content = export._convert(baked, "uint8")  # pylint: disable=protected-access
+    content = export.convert._convert(baked, "uint8")  # pylint: disable=protected-access
     for name, delegates in (("tflite xnnpack", True), ("tflite reference", False)):
         runner = export.interpreter(content, delegates=delegates)
         detail = runner.get_input_details()[0]
         runner.resize_tensor_input(detail["index"], pixels.shape)
         runner.allocate_tensors()
         runner.set_tensor(detail["index"],
-                          export._to_input(pixels, runner.get_input_details()[0]))  # pylint: disable=protected-access
+                          export.runtime._to_input(pixels, runner.get_input_details()[0]))  # pylint: disable=protected-access
         runner.invoke()
         out = runner.get_output_details()[0]
-        logits[name] = export._from_output(runner.get_tensor(out["index"]), out)  # pylint: disable=protected-access
+        logits[name] = export.runtime._from_output(runner.get_tensor(out["index"]), out)  # pylint: disable=protected-access
     if args.layers:
         _layer_differences(model, normalized, pixels, splits, args)
     for name, values in logits.items():

@@ -22,7 +22,6 @@ import pathlib
 import shutil
 import sys
 
-import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipQuantizeConfig", "ClipQuantizeRegistry", "ClipQuantizer", "ExportError", "QuantizeScheme",
-    "QuantizerInfo", "batch_norm", "calibrate", "callbacks", "distill", "progressive", "iter_quantizers", "list_quantizers", "models",
+    "QuantizerInfo", "batch_norm", "calibrate", "callbacks", "distill", "progressive",
+    "iter_quantizers", "list_quantizers", "models",
     "mobilenet_v2_cifar", "ops", "quantize_model", "quantize_scope", "sqnr", "summary",
     "export_tflite",
 ]

@@ -43,8 +43,9 @@ Below 8 bits the nudged asymmetric grid's indices `[-z, n - z]` already lie insi
 `[-127, 127]`; at 8 bits it has 256 levels and int8's symmetric range 255, so a weight on level
 `-128` (or `128`) would be changed by the export, and a 2-bit network downstream is chaotic
 enough to turn that one-step change into different predictions (measured: 3 such weights
-cost a trained W2A2 model 29% of its top-1 agreement). The clips stay asymmetric and learnable; a one-sided channel uses fewer than
-255 levels (at least 128), an 8-bit grid's worth of precision either way.
+cost a trained W2A2 model 29% of its top-1 agreement). The clips stay asymmetric and
+learnable; a one-sided channel uses fewer than 255 levels (at least 128), an 8-bit grid's
+worth of precision either way.
 
 Backward pass (LSQ+ style, the default)::
 

@@ -17,7 +17,7 @@ from tfacd.quantizers import effective_clips
 model, splits, _ = train._rebuild(pathlib.Path(sys.argv[1]), "--model_dir")
 for name in ("quant_stem_conv", "quant_logits"):
     layer = model.get_layer(name)
-    entries = export._weight_quantizers(layer)
+    entries = export.weights._weight_quantizers(layer)
     (attr, (kernel, quantizer, variables)), = entries.items()
     lower, upper = effective_clips(quantizer, variables)
     step = np.asarray(ops.grid_step(lower, upper, quantizer.num_bits, quantizer.symmetric_step))

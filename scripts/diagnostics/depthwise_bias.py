@@ -21,7 +21,7 @@ it = Interpreter(model_content=content, experimental_preserve_all_tensors=True,
                  experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
 d = it.get_input_details()[0]
 it.resize_tensor_input(d["index"], pixels.shape); it.allocate_tensors()
-it.set_tensor(d["index"], export._to_input(pixels, it.get_input_details()[0])); it.invoke()
+it.set_tensor(d["index"], export.runtime._to_input(pixels, it.get_input_details()[0])); it.invoke()
 ops = it._get_ops_details()
 for op in ops:
     outs = [it._get_tensor_details(i, 0) if False else None for i in op["outputs"]]
