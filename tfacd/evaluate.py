@@ -32,6 +32,11 @@ def main(argv=None) -> int:
                         help="the training run's split_seed (which images are validation)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="score only the first N images")
+    parser.add_argument("--runtime", default="xnnpack",
+                        help="xnnpack (LiteRT's default), builtin (LiteRT's builtin kernels) "
+                             "or micro (TensorFlow Lite Micro, one image at a time)")
+    parser.add_argument("--compare_to", default="",
+                        help="also run this runtime and print the top-1 agreement of the two")
     args = parser.parse_args(argv)
 
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -48,12 +53,29 @@ def main(argv=None) -> int:
             raise data_lib.DataError(f"{args.data} has no {args.split} split")
         if args.limit:
             x, y = x[:args.limit], y[:args.limit]
-        logits = export.run_tflite(args.tflite, x.astype("float32"), args.batch_size)
+        for runtime in filter(None, (args.runtime, args.compare_to)):
+            if runtime not in export.RUNTIMES:
+                raise export.ExportError(f"--runtime must be one of {export.RUNTIMES}, "
+                                         f"got {runtime!r}")
+        support = export.runtime_support(args.tflite)[args.runtime]
+        if not support["runs"]:
+            raise export.ExportError(f"{args.tflite} cannot run on {args.runtime}: "
+                                     f"{support['why']}")
+        logits = export.run_tflite(args.tflite, x.astype("float32"), args.batch_size,
+                                   runtime=args.runtime)
+        other = (export.run_tflite(args.tflite, x.astype("float32"), args.batch_size,
+                                   runtime=args.compare_to) if args.compare_to else None)
     except (data_lib.DataError, export.ExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     top1 = float(np.mean(logits.argmax(axis=1) == np.asarray(y).reshape(-1)))
-    print(f"top-1 {top1:.4f} on {len(x)} {args.split} images of {args.data} ({args.tflite})")
+    print(f"top-1 {top1:.4f} on {len(x)} {args.split} images of {args.data} ({args.tflite}, "
+          f"{args.runtime})")
+    if other is not None:
+        agreement = float(np.mean(logits.argmax(axis=1) == other.argmax(axis=1)))
+        other_top1 = float(np.mean(other.argmax(axis=1) == np.asarray(y).reshape(-1)))
+        print(f"top-1 agreement with {args.compare_to}: {agreement:.4f} ({args.compare_to} "
+              f"top-1 {other_top1:.4f})")
     return 0
 
 

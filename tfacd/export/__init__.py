@@ -115,13 +115,13 @@ from tfacd.export.convert import _convert
 from tfacd.export.int4 import pack_int4_weights
 from tfacd.export.report import (_compare, _json_default, _keras_logits, _mean_std, _report,
                                  format_report)
-from tfacd.export.runtime import run_tflite
+from tfacd.export.runtime import RUNTIMES, run_tflite, runtime_support
 # The rest of the public face (and what tests and scripts reach for).
 from tfacd.export._common import ACTIVATION_POLICIES, IO_TYPES, WEIGHT_STORAGES  # noqa: F401
 from tfacd.export.bake import Bake  # noqa: F401
 from tfacd.export.float_filters import store_float_filters_as_int8  # noqa: F401
 from tfacd.export.report import fidelity, size_breakdown, weight_tensors  # noqa: F401
-from tfacd.export.runtime import interpreter, op_histogram  # noqa: F401
+from tfacd.export.runtime import interpreter, micro_interpreter, op_histogram  # noqa: F401
 from tfacd.export.weights import check_exportable  # noqa: F401
 
 
@@ -130,7 +130,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                   activation_policy: str = "float", data=None, labels=None,
                   batch_size: int | None = None, float_reference: bool = True,
                   report_path=None, verbose: bool = True,
-                  weight_storage: str = "int8", snap_biases: bool = True) -> pathlib.Path:
+                  weight_storage: str = "int8", snap_biases: bool = True,
+                  check_runtimes=("xnnpack",), require_runtimes=()) -> pathlib.Path:
     """Exports a tfacd QAT model to a TFLite file that takes raw RGB pixels.
 
     Args:
@@ -157,12 +158,22 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         thing; the report's `fidelity` is then against the snapped model, and
         `fidelity_before_bias_snap` against the model as it came. False: leave the model
         as it is.
+      check_runtimes: runtimes (`RUNTIMES`: "xnnpack", "builtin", "micro") whose agreement
+        with the Keras model on `data` goes into the report's `fidelity_by_runtime`; the
+        first is also the report's `fidelity`. Every runtime's support, read from the file,
+        is in the report's `runtimes`; a runtime that cannot run the file is named in a
+        warning.
+      require_runtimes: runtimes the file must run on: `ExportError` (nothing written) if it
+        cannot, naming why.
 
     Returns:
       The path written. Raises `ExportError` naming the problem for a model that was never
       quantized, a path that cannot be written, or anything the converter refuses.
     """
     path = _writable(output_path)
+    for runtime in tuple(check_runtimes) + tuple(require_runtimes):
+        if runtime not in RUNTIMES:
+            raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     options = {"input_type": input_type, "output_type": output_type, "snap_biases": snap_biases,
                "activation_policy": activation_policy, "weight_storage": weight_storage,
                "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
@@ -185,9 +196,23 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         float_content = _convert(bake(qat_model, input_mean, input_std, activation_policy,
                                       False, batch_size))
     report = _report(qat_model, baked, content, float_content, options)
-    lite_logits = None
-    if data is not None:
-        lite_logits = run_tflite(content, np.asarray(data, np.float32))
+    report["runtimes"] = runtime_support(content)
+    unsupported = {r: v["why"] for r, v in report["runtimes"].items() if not v["runs"]}
+    required = [r for r in require_runtimes if r in unsupported]
+    if required:
+        if not path.stat().st_size:     # the empty file `_writable` made: nothing written
+            path.unlink()
+        raise ExportError("the file would not run correctly on " + "; ".join(
+            f"{r}: {unsupported[r]}" for r in required) + " (for TFLite Micro: "
+            "weight_storage='int8' and per-tensor activations)")
+    for runtime, why in unsupported.items():
+        warnings.warn(f"this TFLite file cannot run on {runtime}: {why}", stacklevel=2)
+    checked = [r for r in check_runtimes if r not in unsupported]
+    lite_logits, by_runtime = None, {}
+    if data is not None and checked:
+        by_runtime = {r: run_tflite(content, np.asarray(data, np.float32), runtime=r)
+                      for r in checked}
+        lite_logits = by_runtime[checked[0]]
         if snap_biases:
             report["fidelity_before_bias_snap"] = _compare(
                 _keras_logits(qat_model, data, input_mean, input_std), lite_logits, labels)
@@ -197,8 +222,10 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
             "layers": len(shifts),
             "largest_change_in_bias_steps": max(shifts.values(), default=0.0)}
     if lite_logits is not None:
-        report["fidelity"] = _compare(_keras_logits(qat_model, data, input_mean, input_std),
-                                      lite_logits, labels)
+        keras_logits = _keras_logits(qat_model, data, input_mean, input_std)
+        report["fidelity_by_runtime"] = {r: _compare(keras_logits, logits, labels)
+                                         for r, logits in by_runtime.items()}
+        report["fidelity"] = report["fidelity_by_runtime"][checked[0]]
     path.write_bytes(content)
     report["path"] = str(path)
     report_file = pathlib.Path(report_path) if report_path else \

@@ -31,6 +31,8 @@ class ExportError(ValueError):
 
 
 def _writable(output_path) -> pathlib.Path:
+    """`output_path` as a Path, checked writable now (before minutes of work) by opening it
+    for appending; a file this creates stays empty until written."""
     path = pathlib.Path(output_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,13 @@ def format_report(report: dict) -> str:
         if fid.get("keras_accuracy") is not None:
             lines.append(f"  accuracy: Keras {fid['keras_accuracy']:.4f}, "
                          f"TFLite {fid['tflite_accuracy']:.4f}")
+    for runtime, other in (report.get("fidelity_by_runtime") or {}).items():
+        if len(report["fidelity_by_runtime"]) > 1:
+            lines.append(f"    on {runtime}: top-1 agreement {other['top1_agreement']:.4f}, "
+                         f"logit diff max {other['max_logit_difference']:.4f}")
+    for runtime, support in (report.get("runtimes") or {}).items():
+        if not support["runs"]:
+            lines.append(f"  cannot run on {runtime}: {support['why']}")
     before = report.get("fidelity_before_bias_snap")
     if before:
         accuracy = "" if before.get("keras_accuracy") is None else \
