@@ -5,10 +5,11 @@ Usage:
     python benchmarks/tflite_latency.py --model_dir RUN --tflite FILE   # another export of it
     python benchmarks/tflite_latency.py                      # a fresh MobileNetV2-CIFAR
 
-Both files are run by the same LiteRT interpreter build with the same settings (`--threads`,
-XNNPACK on, as users get it by default), on the same random pixels, alternating rounds so that
-machine noise hits both alike. Without `--model_dir` the script quantizes an untrained
-MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`,
+Both files are run by the same interpreter with the same settings (`--threads`; `--runtime`:
+xnnpack, LiteRT with XNNPACK as users get it by default; builtin, LiteRT's builtin kernels;
+micro, the TensorFlow Lite Micro interpreter, single-threaded), on the same random pixels,
+alternating rounds so that machine noise hits both alike. Without `--model_dir` the script
+quantizes an untrained MobileNetV2-CIFAR (`--width`, W`--bits`A`--bits`, `--granularity`,
 `--activation_granularity`, `--symmetric_weights`, `--weight_storage`, calibrated on random
 pixels):
 latency does not depend on the weights' values.
@@ -31,13 +32,18 @@ import tfacd  # noqa: E402
 from tfacd import export  # noqa: E402
 
 
-def latency(path, pixels, threads: int, repeats: int) -> float:
-    runner = export.interpreter(path, num_threads=threads)
-    detail = runner.get_input_details()[0]
-    runner.resize_tensor_input(detail["index"], pixels.shape)
-    runner.allocate_tensors()
-    runner.set_tensor(detail["index"], export.runtime._to_input(  # pylint: disable=protected-access
-        pixels, runner.get_input_details()[0]))
+def latency(path, pixels, threads: int, repeats: int, runtime: str = "xnnpack") -> float:
+    if runtime == "micro":
+        runner = export.micro_interpreter(path)
+        detail = export.runtime._micro_detail(runner.get_input_details(0))  # pylint: disable=protected-access
+        runner.set_input(export.runtime._to_input(pixels, detail), 0)  # pylint: disable=protected-access
+    else:
+        runner = export.interpreter(path, num_threads=threads, delegates=runtime == "xnnpack")
+        detail = runner.get_input_details()[0]
+        runner.resize_tensor_input(detail["index"], pixels.shape)
+        runner.allocate_tensors()
+        runner.set_tensor(detail["index"], export.runtime._to_input(  # pylint: disable=protected-access
+            pixels, runner.get_input_details()[0]))
     for _ in range(5):
         runner.invoke()
     start = time.perf_counter()
@@ -94,20 +100,28 @@ def main():
     parser.add_argument("--weight_storage", default="int8", choices=("int8", "int4"),
                         help="weight storage of the fresh model's file (without --model_dir)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runtime", default="xnnpack", choices=export.RUNTIMES)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         int8, float_file, shape = build_files(args, pathlib.Path(tmp))
+        support = export.runtime_support(int8)[args.runtime]
+        if not support["runs"]:
+            raise SystemExit(f"error: {int8} cannot run on {args.runtime}: {support['why']}")
         pixels = np.random.default_rng(1).integers(0, 256, (1, *shape)).astype("float32")
         int8_times, float_times = [], []
         for _ in range(args.rounds):
-            float_times.append(latency(float_file, pixels, args.threads, args.repeats))
-            int8_times.append(latency(int8, pixels, args.threads, args.repeats))
+            float_times.append(latency(float_file, pixels, args.threads, args.repeats,
+                                       args.runtime))
+            int8_times.append(latency(int8, pixels, args.threads, args.repeats, args.runtime))
         int8_bytes = pathlib.Path(int8).read_bytes()
         int8_size, float_size = len(int8_bytes), float_file.stat().st_size
     best_int8, best_float = min(int8_times), min(float_times)
-    print(f"interpreter: ai_edge_litert, XNNPACK default delegate, {args.threads} thread(s), "
+    interpreter = {"xnnpack": "ai_edge_litert, XNNPACK default delegate",
+                   "builtin": "ai_edge_litert, builtin kernels",
+                   "micro": "TensorFlow Lite Micro"}[args.runtime]
+    print(f"interpreter: {interpreter}, {args.threads} thread(s), "
           f"batch 1, best of {args.rounds} rounds x {args.repeats} invokes")
     print(f"float TFLite: {best_float * 1e3:8.3f} ms/image   {float_size:,} bytes")
     # The file's own storage (a run's model.tflite may be an int4 export).

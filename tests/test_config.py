@@ -70,3 +70,21 @@ def test_export_choices_mirror_the_exporter():
 def test_missing_config_file():
     with pytest.raises(config.ConfigError, match="config file not found"):
         config.load_yaml("/nonexistent/x.yaml")
+
+
+def test_tfmot_n_bit_scheme_quantizes_at_the_configured_bits():
+    """The peer row: tfmot's experimental default_n_bit scheme at weight_bits/activation_bits."""
+    from tfacd import models, train  # pylint: disable=import-outside-toplevel
+    from tfacd.config import ConfigError, ExperimentConfig  # pylint: disable=import-outside-toplevel
+    config = ExperimentConfig(mode="qat", tfmot_default=True, tfmot_scheme="default_n_bit",
+                              weight_bits=2, activation_bits=4).validate()
+    model = train.quantize(config, models.build("mobilenet_v2_cifar_tiny", width=0.35,
+                                                num_classes=4, input_shape=(8, 8, 3)))
+    weight_bits = {q.num_bits for layer in model.layers
+                   for _, q, _ in getattr(layer, "_weight_vars", [])}
+    assert weight_bits == {2}
+    activation_bits = {q.num_bits for layer in model.layers
+                       for q in getattr(layer, "_output_quantizers", [])}
+    assert activation_bits == {4}
+    with pytest.raises(ConfigError, match="tfmot_scheme must be one of"):
+        ExperimentConfig(tfmot_scheme="default_4bit").validate()

@@ -21,6 +21,7 @@ EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
 ACTIVATION_POLICIES = ("clamp", "round", "float")  # tfacd.export.ACTIVATION_POLICIES
 WEIGHT_STORAGES = ("int8", "int4")             # tfacd.export.WEIGHT_STORAGES
 OPTIMIZERS = ("sgd", "adam")
+TFMOT_SCHEMES = ("default_8bit", "default_n_bit")
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,10 @@ class ExperimentConfig:
     acd_schedule: str = "cosine"
     sqnr_weight: float = 0.0
     symmetric_weights: bool = False      # symmetric weight grids below 8 bits (int4 at 4 bits)
-    tfmot_default: bool = False          # tfmot's own 8-bit QAT instead of tfacd's scheme
+    tfmot_default: bool = False          # tfmot's own QAT instead of tfacd's scheme
+    tfmot_scheme: str = "default_8bit"   # with tfmot_default: default_8bit, or default_n_bit
+                                         # (tfmot's experimental scheme at weight_bits /
+                                         # activation_bits)
     epochs: int = 1
     batch_size: int = 128
     learning_rate: float = 0.05
@@ -112,6 +116,8 @@ class ExperimentConfig:
         need(self.width > 0, f"width must be > 0, got {self.width!r}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.tfmot_scheme in TFMOT_SCHEMES,
+             f"tfmot_scheme must be one of {TFMOT_SCHEMES}, got {self.tfmot_scheme!r}")
         need(self.optimizer in OPTIMIZERS,
              f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")

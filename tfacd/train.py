@@ -144,6 +144,15 @@ def quantize(config: ExperimentConfig, model):
     """The QAT model for `config`: tfmot's default scheme or tfacd's."""
     if config.tfmot_default:
         import tensorflow_model_optimization as tfmot  # pylint: disable=import-outside-toplevel
+        if config.tfmot_scheme == "default_n_bit":
+            # pylint: disable-next=import-outside-toplevel
+            from tensorflow_model_optimization.python.core.quantization.keras.experimental \
+                .default_n_bit import default_n_bit_quantize_scheme as n_bit
+            annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+            return tfmot.quantization.keras.quantize_apply(
+                annotated, scheme=n_bit.DefaultNBitQuantizeScheme(
+                    num_bits_weight=config.weight_bits,
+                    num_bits_activation=config.activation_bits))
         return tfmot.quantization.keras.quantize_model(model)
     return tfacd.quantize_model(
         model, weight_bits=config.weight_bits, activation_bits=config.activation_bits,
