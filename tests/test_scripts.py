@@ -115,7 +115,9 @@ def test_the_shipped_plans_load():
     for plan in sorted((REPO / "configs" / "plans").glob("*.yaml")):
         runs, float_run = runner.load_plan(str(plan), None)
         assert float_run in {r.name for r in runs}
-        assert sum(r.mode == "qat" for r in runs) >= 12
+        qat_runs = sum(r.mode == "qat" for r in runs)
+        # An ablation plan holds every row; a probe plan a few short runs.
+        assert qat_runs >= (2 if plan.name.startswith("probe_") else 12), plan.name
 
 
 def test_export_diff_compares_keras_baked_graph_and_interpreter(ablation):
