@@ -20,7 +20,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 
 from tfacd import cli  # noqa: E402
-from tfacd import config as config_lib  # noqa: E402
 
 cli.define_flags()
 build_config = cli.build_config
@@ -30,24 +29,22 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
-    from tfacd import data as data_lib  # pylint: disable=import-outside-toplevel
     from tfacd import train  # pylint: disable=import-outside-toplevel
-    from tfacd.export import ExportError  # pylint: disable=import-outside-toplevel
-    try:
-        config = build_config()
-        results = train.run(config)
-    except (config_lib.ConfigError, data_lib.DataError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except train.TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
+    configs = []
+
+    def work():
+        configs.append(build_config())
+        return train.run(configs[0])
+
+    results, status = cli.guarded(work)
+    if status:
+        return status
     summary = {k: results.get(k) for k in ("val_accuracy", "test_accuracy", "mean_sqnr_db",
                                            "train_seconds", "images_per_second")}
     if results.get("tflite"):
         summary["tflite_accuracy"] = results["tflite"].get("accuracy")
         summary["tflite_top1_agreement"] = results["tflite"].get("top1_agreement")
-    print(f"results: {summary} -> {os.path.join(config.model_dir, train.RESULTS)}")
+    print(f"results: {summary} -> {os.path.join(configs[0].model_dir, train.RESULTS)}")
     return 0
 
 

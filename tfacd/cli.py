@@ -6,6 +6,8 @@ Used by `train_main.py` and `python -m tfacd.quickstart`.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from tfacd import config as config_lib
@@ -33,3 +35,20 @@ def build_config(default_yaml: str | None = None) -> config_lib.ExperimentConfig
     base = config_lib.load_yaml(path) if path else config_lib.ExperimentConfig()
     overrides = {name: FLAGS[name].value for name in config_lib.FIELDS if FLAGS[name].present}
     return config_lib.from_dict(overrides, base).validate()
+
+
+def guarded(work):
+    """Runs `work()` and returns `(its result, exit status)`: bad input (a config value, data,
+    an export option) prints one line `error: ...` and gives status 2, a diverged run 3."""
+    # pylint: disable=import-outside-toplevel
+    from tfacd import data as data_lib
+    from tfacd import train
+    from tfacd.export import ExportError
+    try:
+        return work(), 0
+    except (config_lib.ConfigError, data_lib.DataError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None, 2
+    except train.TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None, 3

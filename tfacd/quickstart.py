@@ -105,10 +105,8 @@ def summary(results: dict, float_top1: float, data_line: str, model_dir: pathlib
 def main(argv=None) -> int:
     from absl import flags  # pylint: disable=import-outside-toplevel
     from tfacd import cli  # pylint: disable=import-outside-toplevel
-    from tfacd import config as config_lib  # pylint: disable=import-outside-toplevel
     from tfacd import data as data_lib  # pylint: disable=import-outside-toplevel
     from tfacd import train  # pylint: disable=import-outside-toplevel
-    from tfacd.export import ExportError  # pylint: disable=import-outside-toplevel
 
     cli.define_flags()
     try:
@@ -117,25 +115,25 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    try:
+    config = data_line = float_top1 = None
+
+    def work():
+        nonlocal config, data_line, float_top1
         config = cli.build_config(str(DEFAULT_CONFIG))
         if not config.init_from:
             config.init_from = str(PRETRAINED / "weights")
-        dataset, data_line = choose_dataset(config.dataset)
-        config.dataset = dataset
+        config.dataset, data_line = choose_dataset(config.dataset)
         print(f"[tfacd] {data_line}", flush=True)
         with train.phase("float model: accuracy of the shipped checkpoint"):
             splits = data_lib.load(config.dataset, config.data_dir or None,
                                    config.val_fraction, config.split_seed)
             float_top1 = float_accuracy(config, splits)
         print(f"[tfacd] float accuracy {100 * float_top1:.2f} %", flush=True)
-        results = train.run(config.validate())
-    except (config_lib.ConfigError, data_lib.DataError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except train.TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
+        return train.run(config.validate())
+
+    results, status = cli.guarded(work)
+    if status:
+        return status
     print(summary(results, float_top1, data_line, pathlib.Path(config.model_dir),
                   time.perf_counter() - start))
     return 0
