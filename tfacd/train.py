@@ -351,6 +351,9 @@ def run(config: ExperimentConfig) -> dict:
             teacher = model_of_run(teacher_path, config, splits, "--distill_from")
             trainer = tfacd.distill.Distiller(model, teacher, weight=config.distill_weight,
                                               temperature=config.distill_temperature)
+            # Built before `fit`, as BackupAndRestore needs to restore the optimizer's state
+            # when a run resumes.
+            trainer(tf.zeros((1, *splits.image_shape)), training=False)
         trainer.compile(optimizer=_optimizer(config, steps * config.epochs),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                         metrics=["accuracy"])
