@@ -5,10 +5,10 @@
 Sets the first and last layers' weights whose 8-bit index is outside [-127, 127] to +-127 in
 the Keras model (what the export did to them while 8-bit weights had an asymmetric grid),
 then prints, per quantized activation, the fraction of values that Keras and the baked graph
-round differently. On the per-layer W2A2 run at commit de360e9: 3 weights changed, top-1
-agreement of the two 0.99 (0.71 without the change). Since 8-bit weights train on int8's
-symmetric grid (`symmetric_step`), nothing is outside [-127, 127]: the script prints 0
-clamped and measures Keras vs the baked graph as they are; run it at de360e9 to reproduce.
+round differently. On a per-layer W2A2 run trained while 8-bit weights had an asymmetric
+grid: 3 weights changed, top-1 agreement of the two 0.99 (0.71 without the change). Since
+8-bit weights train on int8's symmetric grid (`symmetric_step`), nothing is outside
+[-127, 127]: the script prints 0 clamped and measures Keras vs the baked graph as they are.
 """
 import sys, pathlib, numpy as np, tensorflow as tf
 from tfacd import train, export, ops
