@@ -30,8 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfacd._keras import keras
-
-_BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
+from tfacd.scheme import _BATCH_NORMS  # the layer types the scheme treats as BatchNorm
 
 
 def batch_norm_layers(model) -> list:
