@@ -5,7 +5,7 @@ import pytest
 
 import tfacd
 from tfacd._keras import keras
-from tfacd.callbacks import ClipDecay, ClipLearningRate, schedule_value
+from tfacd.callbacks import ClipDecay, schedule_value
 
 
 def test_schedules():
@@ -121,68 +121,6 @@ def test_pull_mode_sets_penalty_strengths_and_needs_pull_quantizers(tiny_model, 
     assert all(float(i.variables["pull_upper"]) == 5.0 for i in pulled)
     with_penalty = qat(x, training=True)
     assert len(qat.losses) == len(pulled)
-
-
-def _clips_after_one_step(model_fn, x, y, callbacks):
-    qat = tfacd.quantize_model(model_fn(), weight_bits=2, activation_bits=2)
-    tfacd.calibrate(qat, x)
-    before = [v.numpy().copy() for i in tfacd.list_quantizers(qat)
-              for v in (i.variables["lower"], i.variables["upper"])]
-    kernel = next(v for v in qat.trainable_weights if v.name.endswith("kernel:0"))
-    kernel_before = kernel.numpy().copy()
-    qat.compile(optimizer=keras.optimizers.Adam(0.05),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    qat.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=callbacks)
-    after = [v.numpy() for i in tfacd.list_quantizers(qat)
-             for v in (i.variables["lower"], i.variables["upper"])]
-    return before, after, (kernel_before, kernel.numpy())
-
-
-def test_clip_learning_rate_scales_the_clips_step_exactly(tiny_data):
-    from tests.conftest import tiny_cnn  # pylint: disable=import-outside-toplevel
-    x, y = tiny_data
-
-    def model():                 # the same initial weights every time
-        keras.utils.set_random_seed(0)
-        return tiny_cnn()
-
-    before, full, kernel_full = _clips_after_one_step(model, x, y, [])
-    _, half, kernel_half = _clips_after_one_step(model, x, y, [ClipLearningRate(0.5)])
-    _, frozen, kernel_frozen = _clips_after_one_step(model, x, y, [ClipLearningRate(0.0)])
-    moved = [not np.allclose(b, f) for b, f in zip(before, full)]
-    assert sum(moved) >= len(moved) // 2                 # Adam moved most clips
-    for b, f, h, z in zip(before, full, half, frozen):
-        np.testing.assert_allclose(h, b + 0.5 * (f - b), rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(z, b)
-    # The weights take their full step either way (one step: same gradients).
-    np.testing.assert_allclose(kernel_half[1], kernel_full[1], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(kernel_frozen[1], kernel_frozen[0])
-    # The clips' absolute learning rate: 0.025 against the weights' 0.05 is the multiplier 0.5.
-    _, absolute, kernel_absolute = _clips_after_one_step(
-        model, x, y, [ClipLearningRate(learning_rate=0.025)])
-    for h, a in zip(half, absolute):
-        np.testing.assert_allclose(a, h, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(kernel_absolute[1], kernel_full[1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="multiplier must be >= 0"):
-        ClipLearningRate(-0.5)
-    with pytest.raises(ValueError, match="exactly one"):
-        ClipLearningRate(0.5, learning_rate=0.1)
-    with pytest.raises(ValueError, match="learning_rate must be > 0"):
-        ClipLearningRate(learning_rate=0.0)
-
-
-def test_no_weight_decay_reaches_the_clips():
-    """The quantizer-parameter group has no weight decay: the model's regularization losses
-    (the L2 decay on kernels) have no gradient with respect to any clip."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from tests.conftest import tiny_cnn  # pylint: disable=import-outside-toplevel
-    qat = tfacd.quantize_model(tiny_cnn(regularize=True), weight_bits=2, activation_bits=2)
-    clips = [i.variables[name] for i in tfacd.list_quantizers(qat) for name in ("lower", "upper")]
-    with tf.GradientTape() as tape:
-        qat(np.zeros((2, 8, 8, 3), "float32"), training=True)
-        decay = tf.add_n(qat.losses)
-    assert float(decay) > 0                                  # the kernels are decayed
-    assert all(g is None for g in tape.gradient(decay, clips))
 
 
 def test_l2_mode_moves_lower_and_upper_clips_by_their_own_strengths(tiny_model, tiny_data):

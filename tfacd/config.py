@@ -63,7 +63,7 @@ class ExperimentConfig:
     optimizer: str = "sgd"               # sgd (Nesterov momentum 0.9) or adam
     clip_lr_multiplier: float = 1.0      # QAT: the clips' learning rate / the weights'
     clip_learning_rate: float = 0.0      # QAT: the clips' own learning rate; 0: use the
-                                         # multiplier (tfacd.callbacks.ClipLearningRate)
+                                         # multiplier (tfacd.optimizers)
     distill_weight: float = 0.0          # QAT: share of the distillation loss, 0 (off) to 1
     distill_temperature: float = 1.0     # softmax temperature of the distillation loss
     distill_from: str = ""               # the teacher run; "": the float run that

@@ -25,9 +25,9 @@ Use it where a model would be used::
     qat_model.save_weights(...)        # the student is the model to keep and export
 
 Both models must output logits. Validation (`evaluate`) measures the student alone: `loss` is
-then `CE + R`. tfacd's callbacks (`ClipDecay`, `ClipLearningRate`, `SQNRMonitor`) find the
-student's quantizers through the distiller (`tfacd.iter_quantizers` searches trainable nested
-models and skips the frozen teacher).
+then `CE + R`. tfacd's callbacks (`ClipDecay`, `SQNRMonitor`) and
+`tfacd.optimizers.with_clip_learning_rate` find the student's quantizers through the distiller
+(`tfacd.iter_quantizers` searches trainable nested models and skips the frozen teacher).
 """
 
 from __future__ import annotations

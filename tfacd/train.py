@@ -278,7 +278,7 @@ def _worker_dir(config: ExperimentConfig, worker_id: int) -> pathlib.Path:
     return path
 
 
-def _optimizer(config: ExperimentConfig, total_steps: int):
+def _optimizer(config: ExperimentConfig, total_steps: int, model):
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
                                                       max(total_steps, 1))
     # Low-bit QAT of a deep network can produce rare huge gradients (BatchNorm over channels
@@ -287,8 +287,20 @@ def _optimizer(config: ExperimentConfig, total_steps: int):
     # not depend on the gradient's scale, so the clip costs it nothing.
     clip = config.clip_norm or None
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(schedule, global_clipnorm=clip)
-    return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, global_clipnorm=clip)
+        optimizer = keras.optimizers.Adam(schedule, global_clipnorm=clip)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                         global_clipnorm=clip)
+    if config.mode != "qat" or config.tfmot_default:
+        return optimizer
+    # The quantizer parameters' own learning rate, inside the optimizer's update.
+    if config.clip_learning_rate:
+        return tfacd.optimizers.with_clip_learning_rate(
+            optimizer, model, learning_rate=config.clip_learning_rate)
+    if config.clip_lr_multiplier != 1.0:
+        return tfacd.optimizers.with_clip_learning_rate(
+            optimizer, model, multiplier=config.clip_lr_multiplier)
+    return optimizer
 
 
 def run(config: ExperimentConfig) -> dict:
@@ -354,7 +366,7 @@ def run(config: ExperimentConfig) -> dict:
             # Built before `fit`, as BackupAndRestore needs to restore the optimizer's state
             # when a run resumes.
             trainer(tf.zeros((1, *splits.image_shape)), training=False)
-        trainer.compile(optimizer=_optimizer(config, steps * config.epochs),
+        trainer.compile(optimizer=_optimizer(config, steps * config.epochs, trainer),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                         metrics=["accuracy"])
 
@@ -365,13 +377,6 @@ def run(config: ExperimentConfig) -> dict:
     quantized = config.mode == "qat" and not config.tfmot_default
     if quantized:
         sample = next(iter(val_data if val_data is not None else train_eval_data))[0]
-        # The quantizer parameters' own learning rate; before ClipDecay, whose update it
-        # must not scale.
-        if config.clip_learning_rate:
-            callbacks.append(tfacd.callbacks.ClipLearningRate(
-                learning_rate=config.clip_learning_rate))
-        elif config.clip_lr_multiplier != 1.0:
-            callbacks.append(tfacd.callbacks.ClipLearningRate(config.clip_lr_multiplier))
         if config.acd != "off":
             callbacks.append(tfacd.callbacks.ClipDecay(
                 lower_strength=config.acd_lower_strength,

@@ -1,0 +1,160 @@
+"""The quantizer parameters' own optimizer group (tfacd.optimizers)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfacd
+from tfacd._keras import keras
+from tfacd.optimizers import with_clip_learning_rate
+from tests.conftest import tiny_cnn
+
+
+def _calibrated(x):
+    keras.utils.set_random_seed(0)            # the same initial weights every time
+    qat = tfacd.quantize_model(tiny_cnn(regularize=True), weight_bits=2, activation_bits=2)
+    tfacd.calibrate(qat, x)
+    return qat
+
+
+def _clips(model):
+    """Every clip variable once (quantizers can share theirs)."""
+    unique = {v.ref(): v for i in tfacd.list_quantizers(model)
+              for v in (i.variables["lower"], i.variables["upper"])}
+    return list(unique.values())
+
+
+def _kernel(model):
+    return next(v for v in model.trainable_weights if v.name.endswith("kernel:0"))
+
+
+_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _fit(x, y, make_optimizer, steps):
+    """`steps` full-batch steps of `fit`; returns the clips and the first kernel after them."""
+    qat = _calibrated(x)
+    qat.compile(optimizer=make_optimizer(qat), loss=_LOSS)
+    qat.fit(x, y, batch_size=len(x), epochs=steps, shuffle=False, verbose=0)
+    return [v.numpy() for v in _clips(qat)], _kernel(qat).numpy()
+
+
+class _Scaled(keras.optimizers.schedules.LearningRateSchedule):
+    def __init__(self, schedule, factor):
+        self.schedule, self.factor = schedule, factor
+
+    def __call__(self, step):
+        return self.factor * self.schedule(step)
+
+    def get_config(self):
+        return {}
+
+
+def _train(x, y, steps, make_optimizers):
+    """`steps` full-batch steps of a hand-written loop (the same gradients whatever the
+    optimizers); `make_optimizers(model, weights, clips)` gives `(optimizer, variables)`
+    pairs. Returns the clips and the first kernel after the steps."""
+    qat = _calibrated(x)
+    clips = _clips(qat)
+    clip_refs = {v.ref() for v in clips}
+    weights = [v for v in qat.trainable_variables if v.ref() not in clip_refs]
+    groups = make_optimizers(qat, weights, clips)
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = _LOSS(y, qat(x, training=True)) + tf.add_n(qat.losses)
+        grads = dict(zip([v.ref() for v in weights + clips],
+                         tape.gradient(loss, weights + clips)))
+        for optimizer, variables in groups:
+            optimizer.apply_gradients([(grads[v.ref()], v) for v in variables])
+    return [v.numpy() for v in clips], _kernel(qat).numpy()
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda: keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.05, 10)),
+    lambda: keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.05, 10),
+                                 momentum=0.9, nesterov=True),
+], ids=["adam", "sgd_nesterov"])
+def test_clips_train_at_their_own_learning_rate(tiny_data, make_base):
+    """Three steps with the clip group equal three steps with a separate optimizer at
+    `0.1 * lr(t)` for the clips (same schedule); the weights keep the full rate."""
+    x, y = tiny_data
+
+    def grouped(model, weights, clips):
+        return [(with_clip_learning_rate(make_base(), model, multiplier=0.1), weights + clips)]
+
+    def two_optimizers(model, weights, clips):
+        del model
+        weight_optimizer = make_base()
+        config = weight_optimizer.get_config()
+        config["learning_rate"] = _Scaled(weight_optimizer._learning_rate, 0.1)  # pylint: disable=protected-access
+        return [(weight_optimizer, weights), (type(weight_optimizer).from_config(config), clips)]
+
+    clips, kernel = _train(x, y, 3, grouped)
+    ref_clips, ref_kernel = _train(x, y, 3, two_optimizers)
+    full_clips, _ = _train(x, y, 3, lambda m, w, c: [(make_base(), w + c)])
+    start = [v.numpy() for v in _clips(_calibrated(x))]
+    for got, want in zip(clips, ref_clips):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(kernel, ref_kernel, rtol=1e-4, atol=1e-6)
+    # The scaled clips moved, and moved less than at the weights' rate.
+    moved = sum(not np.allclose(s, c) for s, c in zip(start, clips))
+    assert moved >= len(clips) // 2
+    assert (sum(np.abs(c - s).sum() for s, c in zip(start, clips))
+            < 0.5 * sum(np.abs(f - s).sum() for s, f in zip(start, full_clips)))
+
+
+def test_multiplier_zero_freezes_the_clips_and_absolute_rate_equals_multiplier(tiny_data):
+    x, y = tiny_data
+    start = [v.numpy() for v in _clips(_calibrated(x))]
+    frozen, kernel = _fit(x, y, lambda m: with_clip_learning_rate(
+        keras.optimizers.Adam(0.05), m, multiplier=0.0), steps=2)
+    for s, f in zip(start, frozen):
+        np.testing.assert_array_equal(f, s)
+    assert not np.allclose(kernel, _kernel(_calibrated(x)).numpy())   # the weights trained
+    # The clips' absolute learning rate 0.025 against the weights' 0.05 is the multiplier 0.5.
+    half, _ = _fit(x, y, lambda m: with_clip_learning_rate(
+        keras.optimizers.Adam(0.05), m, multiplier=0.5), steps=2)
+    absolute, _ = _fit(x, y, lambda m: with_clip_learning_rate(
+        keras.optimizers.Adam(0.05), m, learning_rate=0.025), steps=2)
+    for h, a in zip(half, absolute):
+        np.testing.assert_allclose(a, h, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_arguments_are_named(tiny_data):
+    x, y = tiny_data
+    qat = _calibrated(x)
+    with pytest.raises(ValueError, match="multiplier must be >= 0"):
+        with_clip_learning_rate(keras.optimizers.Adam(), qat, multiplier=-0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        with_clip_learning_rate(keras.optimizers.Adam(), qat, multiplier=0.5, learning_rate=0.1)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        with_clip_learning_rate(keras.optimizers.Adam(), qat, learning_rate=0.0)
+    with pytest.raises(ValueError, match="no tfacd quantizers"):
+        with_clip_learning_rate(keras.optimizers.Adam(), tiny_cnn(), multiplier=0.5)
+    with pytest.raises(TypeError, match="legacy"):
+        with_clip_learning_rate(keras.optimizers.legacy.Adam(), qat, multiplier=0.5)
+    used = keras.optimizers.Adam()
+    qat.compile(optimizer=used, loss=_LOSS)
+    qat.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="has not taken a step"):
+        with_clip_learning_rate(used, qat, multiplier=0.5)
+
+
+def test_config_round_trip_keeps_the_scale(tiny_data):
+    qat = _calibrated(tiny_data[0])
+    grouped = with_clip_learning_rate(keras.optimizers.Adam(0.01), qat, multiplier=0.1)
+    again = type(grouped).from_config(grouped.get_config())
+    assert again.clip_scale == pytest.approx(0.1)
+    assert again.get_config()["learning_rate"] == pytest.approx(0.01)
+
+
+def test_no_weight_decay_reaches_the_clips():
+    """The quantizer-parameter group has no weight decay: the model's regularization losses
+    (the L2 decay on kernels) have no gradient with respect to any clip."""
+    qat = tfacd.quantize_model(tiny_cnn(regularize=True), weight_bits=2, activation_bits=2)
+    clips = _clips(qat)
+    with tf.GradientTape() as tape:
+        qat(np.zeros((2, 8, 8, 3), "float32"), training=True)
+        decay = tf.add_n(qat.losses)
+    assert float(decay) > 0                                  # the kernels are decayed
+    assert all(g is None for g in tape.gradient(decay, clips))
