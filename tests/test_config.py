@@ -65,6 +65,7 @@ def test_export_choices_mirror_the_exporter():
     from tfacd import export
     assert config.ACTIVATION_POLICIES == export.ACTIVATION_POLICIES
     assert config.WEIGHT_STORAGES == export.WEIGHT_STORAGES
+    assert config.REQUANTIZATIONS == export.REQUANTIZATIONS
 
 
 def test_missing_config_file():

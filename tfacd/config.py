@@ -20,6 +20,7 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
 ACTIVATION_POLICIES = ("clamp", "round", "float")  # tfacd.export.ACTIVATION_POLICIES
 WEIGHT_STORAGES = ("int8", "int4")             # tfacd.export.WEIGHT_STORAGES
+REQUANTIZATIONS = ("float", "portable")        # tfacd.export.REQUANTIZATIONS
 OPTIMIZERS = ("sgd", "adam")
 TFMOT_SCHEMES = ("default_8bit", "default_n_bit")
 
@@ -87,6 +88,8 @@ class ExperimentConfig:
     weight_storage: str = "int8"         # TFLite weights: int8, or int4 (1x1/Dense layers, 2-3
                                          # bit, or 4 bit with symmetric_weights)
     snap_biases: bool = True             # export: move the model's biases onto the file's grid
+    requantization: str = "float"        # export: float (scales as trained, exact on XNNPACK)
+                                         # or portable (every runtime alike; tfacd.export.portable)
 
     def validate(self) -> "ExperimentConfig":
         def need(condition, message):
@@ -154,6 +157,10 @@ class ExperimentConfig:
         need(self.activation_policy in ACTIVATION_POLICIES,
              f"activation_policy must be one of {ACTIVATION_POLICIES}, "
              f"got {self.activation_policy!r}")
+        need(self.requantization in REQUANTIZATIONS,
+             f"requantization must be one of {REQUANTIZATIONS}, got {self.requantization!r}")
+        need(not (self.requantization == "portable" and self.weight_storage == "int4"),
+             "requantization=portable needs weight_storage=int8")
         need(self.weight_storage in WEIGHT_STORAGES,
              f"weight_storage must be one of {WEIGHT_STORAGES}, got {self.weight_storage!r}")
         return self

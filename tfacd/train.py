@@ -457,7 +457,10 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
                              activation_policy=config.activation_policy, data=pixels,
                              labels=labels, report_path=report_path,
                              weight_storage=config.weight_storage,
-                             snap_biases=config.snap_biases)
+                             snap_biases=config.snap_biases,
+                             requantization=config.requantization,
+                             # Every runtime's agreement with the model, in the report.
+                             check_runtimes=export.RUNTIMES)
         report = json.loads(report_path.read_text())
     else:
         tfmot = config.mode == "qat" and config.tfmot_default
@@ -497,7 +500,8 @@ def export_run(config: ExperimentConfig) -> dict:
     saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
                                 activation_policy=config.activation_policy,
                                 weight_storage=config.weight_storage,
-                                snap_biases=config.snap_biases)
+                                snap_biases=config.snap_biases,
+                                requantization=config.requantization)
     summary = _export(model, saved, splits, model_dir)
     results_path = model_dir / RESULTS
     results = json.loads(results_path.read_text())

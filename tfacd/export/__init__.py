@@ -108,16 +108,18 @@ import numpy as np
 import tensorflow as tf
 
 from tfacd._keras import keras
-from tfacd.export._common import ExportError, _writable
+from tfacd.export._common import ExportError, REQUANTIZATIONS, _writable
 from tfacd.export.bake import bake
 from tfacd.export.bias_snap import snap_biases_to_file
 from tfacd.export.convert import _convert
 from tfacd.export.int4 import pack_int4_weights
+from tfacd.export.portable import apply_portable_scales, check_portable, plan_portable
 from tfacd.export.report import (_compare, _json_default, _keras_logits, _mean_std, _report,
                                  format_report)
 from tfacd.export.runtime import RUNTIMES, run_tflite, runtime_support
 # The rest of the public face (and what tests and scripts reach for).
 from tfacd.export._common import ACTIVATION_POLICIES, IO_TYPES, WEIGHT_STORAGES  # noqa: F401
+from tfacd.export.requantization import requantization_check  # noqa: F401
 from tfacd.export.bake import Bake  # noqa: F401
 from tfacd.export.float_filters import store_float_filters_as_int8  # noqa: F401
 from tfacd.export.report import fidelity, size_breakdown, weight_tensors  # noqa: F401
@@ -131,7 +133,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                   batch_size: int | None = None, float_reference: bool = True,
                   report_path=None, verbose: bool = True,
                   weight_storage: str = "int8", snap_biases: bool = True,
-                  check_runtimes=("xnnpack",), require_runtimes=()) -> pathlib.Path:
+                  check_runtimes=("xnnpack",), require_runtimes=(),
+                  requantization: str = "float") -> pathlib.Path:
     """Exports a tfacd QAT model to a TFLite file that takes raw RGB pixels.
 
     Args:
@@ -174,13 +177,35 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
     for runtime in tuple(check_runtimes) + tuple(require_runtimes):
         if runtime not in RUNTIMES:
             raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if requantization not in REQUANTIZATIONS:
+        raise ExportError(f"requantization must be one of {REQUANTIZATIONS}, got "
+                          f"{requantization!r}")
+    if requantization == "portable" and weight_storage == "int4":
+        raise ExportError("requantization='portable' needs weight_storage='int8' (int4 leaves "
+                          "no room for the weight spread it sets)")
     options = {"input_type": input_type, "output_type": output_type, "snap_biases": snap_biases,
+               "requantization": requantization,
                "activation_policy": activation_policy, "weight_storage": weight_storage,
                "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
                "input_std": None if input_std is None else np.asarray(input_std).tolist()}
     baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
                  weight_storage=weight_storage)
     content = _convert(baked, input_type, output_type)
+    portable, keras_before = None, None
+    if requantization == "portable":
+        if data is not None:
+            keras_before = _keras_logits(qat_model, data, input_mean, input_std)
+        portable = plan_portable(qat_model, baked, content)
+        apply_portable_scales(qat_model, portable)
+        spreads = {name: layer.spread for name, layer in portable.layers.items()}
+        baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
+                     weight_storage=weight_storage, spreads=spreads)
+        snap_biases_to_file(qat_model, _convert(baked, input_type, output_type), residues={
+            name: (layer.modulus, layer.residue) for name, layer in portable.layers.items()})
+        baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
+                     weight_storage=weight_storage, spreads=spreads)
+        content = _convert(baked, input_type, output_type)
+        check_portable(content, portable, qat_model)
     if weight_storage == "int4":
         content, packed = pack_int4_weights(content)
         if not packed:
@@ -197,6 +222,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                                       False, batch_size))
     report = _report(qat_model, baked, content, float_content, options)
     report["runtimes"] = runtime_support(content)
+    if portable is not None:
+        report["portable"] = portable.summary()
     unsupported = {r: v["why"] for r, v in report["runtimes"].items() if not v["runs"]}
     required = [r for r in require_runtimes if r in unsupported]
     if required:
@@ -213,6 +240,8 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         by_runtime = {r: run_tflite(content, np.asarray(data, np.float32), runtime=r)
                       for r in checked}
         lite_logits = by_runtime[checked[0]]
+        if keras_before is not None:
+            report["fidelity_before_portable"] = _compare(keras_before, lite_logits, labels)
         if snap_biases:
             report["fidelity_before_bias_snap"] = _compare(
                 _keras_logits(qat_model, data, input_mean, input_std), lite_logits, labels)

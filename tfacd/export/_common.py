@@ -50,3 +50,6 @@ def _content(model_path_or_bytes) -> bytes:
     if not path.is_file():
         raise ExportError(f"TFLite file not found: {path}")
     return path.read_bytes()
+# How convolution outputs are requantized: as trained (exact on XNNPACK's float rescale), or
+# on scales every runtime requantizes alike (tfacd.export.portable).
+REQUANTIZATIONS = ("float", "portable")

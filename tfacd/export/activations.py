@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfacd import ops
 from tfacd.quantizers import effective_clips
 from tfacd.export._common import ExportError, _INT8_MAX
+from tfacd.export.requantization import requantize_fixed_point, requantize_float
 from tfacd.export.weights import BakedWeights, _bias_constant, _weight_tensor
 
 
@@ -191,7 +192,14 @@ def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
             for b in range(int(np.floor(center)) - 2, int(np.floor(center)) + 4):
                 argument = multiplier * (w * pixels64 + b)
                 result = np.clip(zero_point + _round_half_away(argument), -128, 127)
-                wrong = int(np.sum(result != target[:, c]))
+                # Both arithmetics of tfacd.export.requantization must give Keras's integer:
+                # the fixed-point runtimes' and XNNPACK's float one.
+                accumulators = w * np.arange(256, dtype=np.int64) + b
+                fixed = np.clip(zero_point + requantize_fixed_point(accumulators, multiplier),
+                                -128, 127)
+                floated = np.clip(zero_point + requantize_float(accumulators, multiplier),
+                                  -128, 127)
+                wrong = int(np.sum((fixed != target[:, c]) | (floated != target[:, c])))
                 # Distance to the nearest rounding tie, over the values that are not clamped.
                 free = (result > -128) & (result < 127)
                 margin = float(np.min(np.abs(argument[free] - np.floor(argument[free]) - 0.5))) \

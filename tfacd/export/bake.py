@@ -55,7 +55,7 @@ class Bake:
 
 def bake(model, input_mean=None, input_std=None, activation_policy: str = "float",
          quantized: bool = True, batch_size: int | None = None,
-         taps: bool = False, weight_storage: str = "int8") -> Bake:
+         taps: bool = False, weight_storage: str = "int8", spreads=None) -> Bake:
     """Rewrites `model` (a tfacd QAT model) into an inference function TFLite can convert.
 
     Args:
@@ -72,6 +72,8 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "float
         convertible).
       weight_storage: "int8", or "int4" to bake layers whose integers fit int4 for
         `pack_int4_weights` (module docstring).
+      spreads: `{layer name: K per output channel}` instead of the largest spread that fits
+        (`tfacd.export.portable`).
     """
     if weight_storage not in WEIGHT_STORAGES:
         raise ExportError(f"weight_storage must be one of {WEIGHT_STORAGES}, got "
@@ -93,7 +95,8 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "float
     for layer in model.layers:
         if type(_inner(layer)).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
             weights[layer.name] = _bake_weights(layer, folds.get(layer.name), quantized,
-                                                weight_storage)
+                                                weight_storage,
+                                                (spreads or {}).get(layer.name))
         elif not isinstance(layer, (quantize_wrapper.QuantizeWrapper,
                                     quantize_layer.QuantizeLayer, keras.layers.InputLayer)):
             float_layers.append(layer.name)

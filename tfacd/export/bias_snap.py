@@ -17,7 +17,7 @@ from tfacd.export.flatbuffer import _flatbuffer, _layer_for_tensor, _tensor_name
 from tfacd.export.weights import _bake_weights, _batch_norm_folds, _bn_multiplier_and_shift, _inner
 
 
-def snap_biases_to_file(qat_model, tflite) -> dict:
+def snap_biases_to_file(qat_model, tflite, residues=None) -> dict:
     """Moves `qat_model`'s biases onto the int32 grid the file `tflite` stores them on, so
     the Keras model computes what the file computes. Changes `qat_model` in place; the file
     is unchanged (exporting the snapped model again gives the same integers).
@@ -30,6 +30,10 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
     values differ. Here each channel's difference is added to the Keras layer's bias, or to
     the beta of the BatchNormalization folded into it: `beta_c <- beta_c + (b_c s_in s_c -
     bias_c)`. Keras then adds exactly what the file adds.
+
+    `residues`: `{layer name: (modulus, residue)}` per output channel: that layer's biases go
+    to the nearest integer `≡ residue (mod modulus)` instead of the file's own (portable
+    requantization, `tfacd.export.portable`; exporting again then stores those integers).
 
     Returns `{layer name: largest change in units of that layer's bias grid}`: at most 0.5
     (plus float32 rounding) where the file's integer is the rounded bias. The converter
@@ -53,7 +57,12 @@ def snap_biases_to_file(qat_model, tflite) -> dict:
             continue                              # a float bias: nothing to snap
         layer = qat_model.get_layer(name)
         grid = np.asarray(scales, np.float64)
-        file_bias = np.frombuffer(bytes(data), np.int32).astype(np.float64) * grid
+        integers = np.frombuffer(bytes(data), np.int32).astype(np.float64)
+        if residues and name in residues:
+            modulus, residue = (np.asarray(v, np.float64) for v in residues[name])
+            exact = _bake_weights(layer, folded.get(name), True).bias / grid
+            integers = residue + modulus * np.round((exact - residue) / modulus)
+        file_bias = integers * grid
         current = _bake_weights(layer, folded.get(name), True).bias.astype(np.float64)
         if current.shape != file_bias.shape:
             raise ExportError(f"{name}: the file's bias has {file_bias.size} channels, the "

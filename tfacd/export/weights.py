@@ -124,11 +124,13 @@ def _bn_multiplier_and_shift(bn_layer, channels: int):
     return multiplier.astype(np.float64), shift.astype(np.float64)
 
 
-def _bake_weights(layer, bn_layer, quantized: bool,
-                  weight_storage: str = "int8") -> BakedWeights:
+def _bake_weights(layer, bn_layer, quantized: bool, weight_storage: str = "int8",
+                  given_spread=None) -> BakedWeights:
     """Kernel and bias of weight layer `layer` (Conv2D, DepthwiseConv2D or Dense), quantized
     (unless `quantized=False`) and with `bn_layer` folded in. With `weight_storage="int4"`,
-    a layer whose integers all fit int4's `[-8, 7]` is stored as int4 (`pack_int4_weights`)."""
+    a layer whose integers all fit int4's `[-8, 7]` is stored as int4 (`pack_int4_weights`).
+    `given_spread`: K per output channel instead of the largest that fits (portable
+    requantization, `tfacd.export.portable`)."""
     inner = _inner(layer)
     kind = type(inner).__name__
     attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
@@ -196,7 +198,13 @@ def _bake_weights(layer, bn_layer, quantized: bool,
             _INT4_MIN <= integers.min() and integers.max() <= _INT4_MAX else "int8"
         limit = _INT4_MAX if storage == "int4" else _INT8_MAX
         largest = np.abs(integers.reshape(-1, out_channels)).max(axis=0)
-        spread = np.maximum(limit // np.maximum(largest, 1), 1)
+        if given_spread is None:
+            spread = np.maximum(limit // np.maximum(largest, 1), 1)
+        else:
+            spread = np.asarray(given_spread, np.int64)
+            if np.any(spread * largest > limit):
+                raise ExportError(f"{layer.name}: the given weight spread puts integers "
+                                  f"beyond {limit}")
         integers = integers * spread
         step = step / spread
         kernel = integers * step

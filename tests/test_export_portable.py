@@ -1,0 +1,70 @@
+"""`tfacd.export.portable`: scales that every runtime requantizes alike."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tfacd import export
+from tfacd.export.portable import _choose
+from tfacd.export.requantization import (quantize_multiplier, requantization_check,
+                                         requantize_fixed_point, requantize_float)
+from tfacd.export.runtime import RUNTIMES
+
+from export_models import MEAN, STD, _pixels, _quantized_tiny
+
+
+@pytest.mark.parametrize("largest", [1, 2, 3, 7])
+def test_portable_ratios_are_near_and_requantize_alike(largest):
+    rng = np.random.default_rng(0)
+    for ratio in np.exp(rng.uniform(np.log(1e-3), np.log(2.0), 200)):
+        value, spread, t, p = _choose(float(ratio), largest)
+        assert spread % 2 ** (t + 1) == 0 and spread * largest <= 127
+        # Within half the widest gap of the portable values near it (7 % at 2 bits).
+        assert abs(math.log(value / ratio)) < (0.07 if largest <= 3 else 0.3)
+        multiplier = value / spread
+        _, shift = quantize_multiplier(multiplier)
+        assert -shift >= 2                                  # e >= 2: no ties (module docstring)
+        # Every accumulator of the residue class requantizes alike.
+        residue = 2 ** t
+        acc = residue + 2 ** (t + 1) * np.arange(-3000, 3001)
+        np.testing.assert_array_equal(requantize_fixed_point(acc, multiplier),
+                                      requantize_float(acc, multiplier))
+
+
+@pytest.mark.parametrize("granularity, activation_granularity",
+                         [("per_channel", "per_layer"), ("per_layer", None)])
+def test_portable_file_computes_the_keras_model_on_every_runtime(
+        tmp_path, granularity, activation_granularity):
+    model = _quantized_tiny(2, granularity, trained_like=True,
+                            activation_granularity=activation_granularity)
+    path = tmp_path / "w2a2.tflite"
+    pixels = _pixels(200)
+    export.export_tflite(model, path, input_mean=MEAN, input_std=STD, input_type="uint8",
+                         data=pixels, verbose=False, check_runtimes=RUNTIMES,
+                         requantization="portable")
+    report = json.loads((tmp_path / "w2a2_report.json").read_text())
+    portable = report["portable"]
+    # The 2-bit layers are portable; the 8-bit first and last layers are named.
+    assert portable["layers"] == 2
+    assert set(portable["skipped"]) == {"quant_conv", "quant_logits"}
+    assert all("8-bit" in why for why in portable["skipped"].values())
+    assert 0 < portable["largest_weight_step_change"] < 0.07
+    for runtime in RUNTIMES:
+        fidelity = report["fidelity_by_runtime"][runtime]
+        assert fidelity["top1_agreement"] == 1.0, runtime
+    # Every 2-bit convolution output: the float and the fixed-point arithmetic agree.
+    for layer in requantization_check(path, pixels[:40]):
+        if layer["right_shift"] < 12:                       # the 2-bit layers
+            assert layer["float_differs"] == 0, layer
+
+
+def test_portable_refuses_int4_storage(tmp_path):
+    model = _quantized_tiny(2, "per_channel", activation_granularity="per_layer")
+    with pytest.raises(export.ExportError, match="needs weight_storage='int8'"):
+        export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
+                             verbose=False, weight_storage="int4", requantization="portable")
+    with pytest.raises(export.ExportError, match="requantization must be one of"):
+        export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
+                             verbose=False, requantization="exact")
