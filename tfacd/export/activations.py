@@ -169,7 +169,11 @@ def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
     (so TFLite's fixed-point and XNNPACK's float requantization round alike).
 
     Returns `(w, b, s_w, mismatches)`: arrays per channel, and the number of (pixel value,
-    channel) pairs no pair could match (0 when the search succeeds).
+    channel) pairs no pair could match in float (XNNPACK's) arithmetic (0 when the search
+    succeeds). Among the pairs exact in float, the search prefers those whose fixed-point
+    requantization (`tfacd.export.requantization`, the builtin kernels' and TFLite
+    Micro's) is exact too; where a pixel value's result lies within that arithmetic's
+    rounding window of a tie, none is.
     """
     channels = len(mean)
     pixels = np.arange(256, dtype=np.float32)
@@ -199,15 +203,17 @@ def _normalization_integers(input_layer, plan: ActivationPlan, mean, std):
                                 -128, 127)
                 floated = np.clip(zero_point + requantize_float(accumulators, multiplier),
                                   -128, 127)
-                wrong = int(np.sum((fixed != target[:, c]) | (floated != target[:, c])))
+                # XNNPACK's (float) exactness first, then the fixed-point runtimes'.
+                wrong = int(np.sum(floated != target[:, c]))
+                fixed_wrong = int(np.sum(fixed != target[:, c]))
                 # Distance to the nearest rounding tie, over the values that are not clamped.
                 free = (result > -128) & (result < 127)
                 margin = float(np.min(np.abs(argument[free] - np.floor(argument[free]) - 0.5))) \
                     if free.any() else 0.5
-                key = (wrong, -margin)
+                key = (wrong, fixed_wrong, -margin)
                 if best is None or key < best[0]:
                     best = (key, w, b, step)
-        (wrong, _), weights[c], biases[c], steps[c] = best
+        (wrong, _, _), weights[c], biases[c], steps[c] = best
         mismatches += wrong
     return weights, biases, steps, mismatches
 

@@ -114,6 +114,7 @@ def _activation_range(activation: int, scale: float, zero_point: int) -> tuple[i
 
 def requantization_check(model_path_or_bytes, pixels) -> list[dict]:
     """Per int8 convolution / fully-connected layer of a file, on the builtin kernels:
+    `op_index`, `op`, `filter` (the filter tensor's name, which holds the Keras layer's),
     `outputs`, `builtin_equals_fixed_point` (outputs where the runtime computed `R_fixed`),
     `float_differs` (outputs where `R_float` would give another int8 value), `right_shift`
     (the smallest `e` over the layer's channels)."""
@@ -160,7 +161,8 @@ def requantization_check(model_path_or_bytes, pixels) -> list[dict]:
             fixed = np.clip(requantize_fixed_point(acc, multiplier, ties) + z_out, low, high)
             floated = np.clip(requantize_float(acc, multiplier) + z_out, low, high)
             entry = layers.setdefault(op["index"], {
-                "op_index": int(op["index"]), "op": op["op_name"], "outputs": 0,
+                "op_index": int(op["index"]), "op": op["op_name"],
+                "filter": details[w_index]["name"], "outputs": 0,
                 "builtin_equals_fixed_point": 0, "float_differs": 0,
                 "right_shift": int(-quantize_multiplier(multiplier)[1].max())})
             entry["outputs"] += int(y.size)
