@@ -5,7 +5,7 @@
 
 One row per configuration: runs that differ only in `seed` are one row, with the mean and the
 spread (sample standard deviation; the seeds' values are listed too). Columns: W/A bits,
-granularity, ACD, SQNR loss weight, validation top-1, TFLite top-1 (the exported file on the
+granularity, ACD, SQNR loss weight, epochs, validation top-1, TFLite top-1 (the exported file on the
 same validation images), mean SQNR (dB, validation batch), wall time of the training
 (summed over resumed invocations). Unfinished runs are listed under the table.
 
@@ -33,7 +33,8 @@ def row_key(config: dict) -> tuple:
     if config["mode"] == "float":
         return ("float",)
     if config.get("tfmot_default"):
-        return ("tfmot",)
+        return ("tfmot", config.get("tfmot_scheme", "default_8bit"), config["weight_bits"],
+                config["activation_bits"])
     return (config["weight_bits"], config["activation_bits"], _granularity(config),
             config["acd"], float(config["sqnr_weight"]))
 
@@ -51,7 +52,10 @@ def describe(config: dict) -> list[str]:
     if config["mode"] == "float":
         return ["float", "-", "-", "-"]
     if config.get("tfmot_default"):
-        return ["W8A8 (tfmot default)", "per-channel W, per-layer A", "-", "-"]
+        if config.get("tfmot_scheme", "default_8bit") == "default_8bit":
+            return ["W8A8 (tfmot default)", "per-channel W, per-layer A", "-", "-"]
+        return [f"W{config['weight_bits']}A{config['activation_bits']} (tfmot "
+                f"{config['tfmot_scheme']})", "per-channel W, per-layer A", "-", "-"]
     return [f"W{config['weight_bits']}A{config['activation_bits']}",
             _granularity(config),
             config["acd"] if config["acd"] != "off" else "-",
@@ -87,7 +91,7 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
             rows[key] = []
             order.append(key)
         rows[key].append((run.name, results))
-    header = ("| runs | W/A bits | granularity | ACD | SQNR weight | val top-1 % | "
+    header = ("| runs | W/A bits | granularity | ACD | SQNR weight | epochs | val top-1 % | "
               "TFLite top-1 % | mean SQNR dB | train time h |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for key in order:
@@ -99,6 +103,7 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
         lines.append("| " + " | ".join([
             ", ".join(name for name, _ in members),
             *describe(results[0]["config"]),
+            "/".join(sorted({str(r["config"]["epochs"]) for r in results})),
             _percent([r.get("val_accuracy") for r in results]),
             _percent([(r.get("tflite") or {}).get("accuracy") for r in results]),
             _mean([r.get("mean_sqnr_db") for r in results], "{:.2f}"),

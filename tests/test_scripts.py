@@ -174,3 +174,9 @@ def test_table_names_mixed_granularities():
     mixed = dict(config, activation_granularity="per_layer")
     assert table.describe(mixed)[1] == "per-channel W, per-layer A"
     assert table.row_key(mixed) != table.row_key(config)      # separate rows, never averaged
+    # tfmot's 8-bit and n-bit rows are rows of their own, named by scheme and bits.
+    tfmot = dict(config, tfmot_default=True, tfmot_scheme="default_8bit", weight_bits=8,
+                 activation_bits=8)
+    n_bit = dict(tfmot, tfmot_scheme="default_n_bit", weight_bits=4, activation_bits=4)
+    assert table.row_key(tfmot) != table.row_key(n_bit)
+    assert table.describe(n_bit)[0] == "W4A4 (tfmot default_n_bit)"
