@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -134,6 +135,12 @@ def ship(runs_dir: pathlib.Path, names: list[str], to: pathlib.Path) -> list[pat
                 text = (source / file).read_text()
                 for prefix in {str(runs_dir), str(runs_dir.resolve())}:
                     text = text.replace(prefix.rstrip("/") + "/", "runs/")
+                # ... and an image folder given by its absolute path, by its name.
+                dataset = json.loads((source / "results.json").read_text()).get(
+                    "config", {}).get("dataset", "")
+                if os.path.isabs(dataset):
+                    text = text.replace(json.dumps(dataset)[1:-1],
+                                        pathlib.Path(dataset).name)
                 (target / file).write_text(text)
             else:
                 shutil.copy2(source / file, target / file)

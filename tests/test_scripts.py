@@ -80,7 +80,7 @@ def test_runner_trains_every_run_from_the_float_run(ablation):
 
 
 def test_table_groups_seeds_and_ships_small_files(ablation, tmp_path):
-    plan, runs, _, _ = ablation
+    plan, runs, folder, _ = ablation
     result = run_script("results_table.py", f"--plan={plan}", f"--runs_dir={runs}",
                         "--ship=c10_w2a2_pc_acd_sqnr_s0", f"--to={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,6 +91,10 @@ def test_table_groups_seeds_and_ships_small_files(ablation, tmp_path):
     shipped = tmp_path / "c10_w2a2_pc_acd_sqnr_s0"
     assert sorted(p.name for p in shipped.iterdir()) == [
         "model.tflite", "model_report.json", "results.json"]
+    # No path of this machine in the shipped files: runs/<run>, the folder by its name.
+    text = (shipped / "results.json").read_text()
+    assert str(runs) not in text and str(folder) not in text
+    assert json.loads(text)["config"]["dataset"] == folder.name
     unfinished = run_script("results_table.py", f"--plan={plan}", f"--runs_dir={runs}",
                             "--ship=c10_nothing", f"--to={tmp_path}")
     assert unfinished.returncode == 2 and "c10_nothing" in unfinished.stderr
