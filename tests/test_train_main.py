@@ -88,6 +88,10 @@ def test_qat_run_from_the_float_run(folder, float_run, tmp_path):
     assert report["all_weight_zero_points_zero"] and report["all_distinct_within_2^bits"]
     assert tflite["num_examples"] == results["num_val"]
     assert 0.0 <= tflite["top1_agreement"] <= 1.0
+    # Agreement with the model on XNNPACK (where the file is exact) and the builtin kernels.
+    assert set(tflite["top1_agreement_by_runtime"]) == {"xnnpack", "builtin"}
+    assert tflite["top1_agreement_by_runtime"]["xnnpack"] == tflite["top1_agreement"]
+    assert set(report["fidelity_by_runtime"]) == {"xnnpack", "builtin"}
     # Anyone can score the file on the folder's validation split with the file alone.
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
     scored = subprocess.run([sys.executable, "-m", "tfacd.evaluate",
