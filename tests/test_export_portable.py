@@ -19,7 +19,7 @@ from export_models import MEAN, STD, _pixels, _quantized_tiny
 def test_portable_ratios_are_near_and_requantize_alike(largest):
     rng = np.random.default_rng(0)
     for ratio in np.exp(rng.uniform(np.log(1e-3), np.log(2.0), 200)):
-        value, spread, t, p = _choose(float(ratio), largest)
+        value, spread, t, _ = _choose(float(ratio), largest)
         assert spread % 2 ** (t + 1) == 0 and spread * largest <= 127
         # Within half the widest gap of the portable values near it (7 % at 2 bits).
         assert abs(math.log(value / ratio)) < (0.07 if largest <= 3 else 0.3)
