@@ -80,9 +80,10 @@ What the bake does, and what is exact
 With per-tensor activations, the input normalization and the snapped biases, the file
 computes what the Keras model computes: on the trained CIFAR-10 runs the logits of 5,000
 validation images were equal bit for bit with XNNPACK (LiteRT's default; docs/export.md).
-TFLite's builtin kernels (no XNNPACK) are not exact: their per-channel depthwise
-requantization came out 7e-5 to 1e-4 (relative) off the file's multiplier, enough to move
-2-bit rounding decisions.
+TFLite's builtin kernels (no XNNPACK) and TFLite Micro are not exact: they requantize in
+fixed point with two roundings (`tfacd.export.requantization`), which moves 2-bit rounding
+decisions; `requantization="portable"` (`tfacd.export.portable`) makes the 2-4 bit layers
+requantize alike everywhere.
 
 The LiteRT interpreter (`ai_edge_litert`) runs the files; `tf.lite.Interpreter` is deprecated.
 
@@ -92,7 +93,9 @@ One module per responsibility, each with a docstring that says what it guarantee
 `weights` (reading the QAT model, BN folding, weights onto int8), `activations` (activation
 policies, input normalization), `bake` (the baked graph), `convert` (the converter),
 `flatbuffer` (reading and re-serializing files), `int4` (int4 storage), `float_filters`
-(the `float` policy's int8-stored filters), `bias_snap`, `runtime` (LiteRT) and `report`.
+(the `float` policy's int8-stored filters), `bias_snap`, `requantization` (the runtimes'
+two requantization arithmetics), `portable` (scales every runtime requantizes alike),
+`runtime` (LiteRT, TFLite Micro) and `report`.
 This package's own functions (`export_tflite`, `export_float_tflite`,
 `export_tfmot_tflite`) put them together.
 
