@@ -43,7 +43,7 @@ def test_portable_file_computes_the_keras_model_on_every_runtime(
     pixels = _pixels(200)
     export.export_tflite(model, path, input_mean=MEAN, input_std=STD, input_type="uint8",
                          data=pixels, verbose=False, check_runtimes=RUNTIMES,
-                         requantization="portable")
+                         requantization="portable", float_reference=False)
     report = json.loads((tmp_path / "w2a2_report.json").read_text())
     portable = report["portable"]
     # The 2-bit layers are portable; the 8-bit first and last layers are named.
@@ -66,7 +66,8 @@ def test_portable_refuses_int4_storage(tmp_path):
     model = _quantized_tiny(2, "per_channel", activation_granularity="per_layer")
     with pytest.raises(export.ExportError, match="needs weight_storage='int8'"):
         export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
-                             verbose=False, weight_storage="int4", requantization="portable")
+                             verbose=False, weight_storage="int4", requantization="portable",
+                             float_reference=False)
     with pytest.raises(export.ExportError, match="requantization must be one of"):
         export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
                              verbose=False, requantization="exact")
