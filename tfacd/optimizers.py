@@ -112,7 +112,7 @@ def _group_class(base: type) -> type:
             scale = config.pop("clip_scale", 1.0)
             # Which variables are clips is not serializable: with_clip_learning_rate
             # registers them again for the model being trained.
-            optimizer = base.from_config.__func__(cls, config, custom_objects)
+            optimizer = super().from_config(config, custom_objects)
             optimizer.clip_scale = scale
             return optimizer
 

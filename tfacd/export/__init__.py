@@ -191,9 +191,12 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                "activation_policy": activation_policy, "weight_storage": weight_storage,
                "input_mean": None if input_mean is None else np.asarray(input_mean).tolist(),
                "input_std": None if input_std is None else np.asarray(input_std).tolist()}
-    baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
-                 weight_storage=weight_storage)
-    content = _convert(baked, input_type, output_type)
+    def bake_and_convert(spreads=None):
+        baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
+                     weight_storage=weight_storage, spreads=spreads)
+        return baked, _convert(baked, input_type, output_type)
+
+    baked, content = bake_and_convert()
     portable, keras_before = None, None
     if requantization == "portable":
         if data is not None:
@@ -201,13 +204,10 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         portable = plan_portable(qat_model, baked, content)
         apply_portable_scales(qat_model, portable)
         spreads = {name: layer.spread for name, layer in portable.layers.items()}
-        baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
-                     weight_storage=weight_storage, spreads=spreads)
-        snap_biases_to_file(qat_model, _convert(baked, input_type, output_type), residues={
+        # Once to read the new bias grids, once more to store the biases moved onto them.
+        snap_biases_to_file(qat_model, bake_and_convert(spreads)[1], residues={
             name: (layer.modulus, layer.residue) for name, layer in portable.layers.items()})
-        baked = bake(qat_model, input_mean, input_std, activation_policy, True, batch_size,
-                     weight_storage=weight_storage, spreads=spreads)
-        content = _convert(baked, input_type, output_type)
+        baked, content = bake_and_convert(spreads)
         check_portable(content, portable, qat_model)
     if weight_storage == "int4":
         content, packed = pack_int4_weights(content)

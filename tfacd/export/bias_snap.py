@@ -58,12 +58,11 @@ def snap_biases_to_file(qat_model, tflite, residues=None) -> dict:
         layer = qat_model.get_layer(name)
         grid = np.asarray(scales, np.float64)
         integers = np.frombuffer(bytes(data), np.int32).astype(np.float64)
+        current = _bake_weights(layer, folded.get(name), True).bias.astype(np.float64)
         if residues and name in residues:
             modulus, residue = (np.asarray(v, np.float64) for v in residues[name])
-            exact = _bake_weights(layer, folded.get(name), True).bias / grid
-            integers = residue + modulus * np.round((exact - residue) / modulus)
+            integers = residue + modulus * np.round((current / grid - residue) / modulus)
         file_bias = integers * grid
-        current = _bake_weights(layer, folded.get(name), True).bias.astype(np.float64)
         if current.shape != file_bias.shape:
             raise ExportError(f"{name}: the file's bias has {file_bias.size} channels, the "
                               f"model's {current.size}: the file is not this model's export")
