@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
 import tfacd
 from tfacd import export
@@ -141,6 +142,24 @@ def test_float_export_matches_the_float_model(tmp_path):
                                       input_std=STD)
     fidelity = export.fidelity(model, path, pixels, None, MEAN, STD)
     assert fidelity["max_logit_difference"] < 1e-4
+
+
+def test_a_layer_left_in_float_keeps_its_variables_in_the_file(tmp_path):
+    """The converter is handed only the variables the baked function reads (not the Keras
+    model): a float island with weights of its own (here a LayerNormalization, which no
+    convolution can absorb) must still reach the file with those values."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.LayerNormalization(beta_initializer="ones")(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    baked = export.bake(model, quantized=False)
+    assert len(baked.function.captured_inputs) == 2 and "layer_normalization" in \
+        baked.float_layers
+    pixels = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
+    path = export.export_float_tflite(model, tmp_path / "island.tflite")
+    np.testing.assert_allclose(export.run_tflite(path, pixels), model(pixels).numpy(),
+                               atol=1e-5)
 
 
 def test_summary_lists_bits_and_memory():

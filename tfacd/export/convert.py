@@ -14,11 +14,23 @@ from tfacd.export.flatbuffer import _compact
 from tfacd.export.float_filters import store_float_filters_as_int8
 
 
+def _trackable(function) -> tf.Module:
+    """What the converter is told the function belongs to. It saves that object as a
+    SavedModel before converting: given the Keras model, it traces every layer's call and
+    took ~100 s and 8 GB for a width-0.5 MobileNetV2 (measured); a bare module that holds
+    only the variables the function reads (none once every weight is baked in as a
+    constant) gives the same bytes in under a second."""
+    module = tf.Module()
+    module.read_variables = list(function.graph.variables)
+    return module
+
+
 def _convert(baked: Bake, input_type: str = "float32", output_type: str = "float32") -> bytes:
     for name, value in (("input_type", input_type), ("output_type", output_type)):
         if value not in IO_TYPES:
             raise ExportError(f"{name} must be one of {sorted(IO_TYPES)}, got {value!r}")
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([baked.function], baked.model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([baked.function],
+                                                                _trackable(baked.function))
     if baked.quantized:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = IO_TYPES[input_type]
