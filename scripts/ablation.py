@@ -7,7 +7,9 @@
 The plan (YAML) names every run with its experiment config and flag overrides; `qat` holds
 the flags every QAT run shares (the common budget). A QAT run starts from the float run,
 or from the run its `init_from` names (a progressive stage, e.g. W4A4 -> W2A2), and may
-name its distillation teacher with `distill_from`; a run waits for the runs it names.
+name its distillation teacher with `distill_from`; a run waits for the runs it names. The
+float run may instead adopt a float checkpoint, `{init_from: PATH, epochs: 0}` (the shipped
+`tfacd/pretrained/...` model): scored and saved as a run, not trained.
 Each run is `train_main.py` in its own process with its log in `RUNS/<name>.log`, so the
 plan is resumable at any moment: a run with
 `results.json` is done and skipped; an unfinished one continues from its last finished epoch
@@ -99,6 +101,12 @@ def load_plan(path: str, dataset: str | None) -> tuple[list[Run], str]:
             overrides["dataset"] = dataset
         if base.mode == "qat":
             overrides.update(plan.get("qat") or {})
+        if base.mode == "float" and "init_from" in spec:
+            # A float run may adopt a checkpoint (with `epochs: 0`, a shipped float model)
+            # instead of training from scratch: a path, relative to the repository.
+            checkpoint = pathlib.Path(str(spec.pop("init_from")))
+            overrides["init_from"] = str(checkpoint if checkpoint.is_absolute()
+                                         else REPO / checkpoint)
         references = {key: spec.pop(key) for key in RUN_REFERENCES if key in spec}
         overrides.update(spec)
         if "model_dir" in overrides:

@@ -122,6 +122,13 @@ def test_the_shipped_plans_load():
         qat_runs = sum(r.mode == "qat" for r in runs)
         # An ablation plan holds every row; a probe plan a few short runs.
         assert qat_runs >= (2 if plan.name.startswith("probe_") else 12), plan.name
+    # The recipe's float run adopts the shipped checkpoint instead of training.
+    runs, float_run = runner.load_plan(str(REPO / "configs" / "plans" / "recipe_cifar10.yaml"),
+                                       None)
+    command = next(r for r in runs if r.name == float_run).command(REPO / "runs", None)
+    checkpoint = REPO / "tfacd" / "pretrained" / "mobilenet_v2_cifar10_w0.5" / "weights"
+    assert f"--init_from={checkpoint}" in command and "--epochs=0" in command
+    assert pathlib.Path(str(checkpoint) + ".index").is_file()
 
 
 def test_export_diff_compares_keras_baked_graph_and_interpreter(ablation):

@@ -102,6 +102,30 @@ def test_qat_run_from_the_float_run(folder, float_run, tmp_path):
     assert top1 == pytest.approx(tflite["accuracy"], abs=1e-4)
 
 
+def test_zero_epochs_adopts_a_float_checkpoint_as_a_run(folder, float_run, tmp_path):
+    """`--mode=float --epochs=0 --init_from=CHECKPOINT` scores and saves the checkpoint as a
+    run without training it (a shipped float model as an ablation plan's float run): same
+    weights, same validation accuracy; epochs=0 anywhere else is refused."""
+    adopted = tmp_path / "adopted"
+    result = run_cli(f"--dataset={folder}", f"--model_dir={adopted}", "--mode=float",
+                     "--epochs=0", f"--init_from={float_run / 'final' / 'weights'}", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results, original = _results(adopted), _results(float_run)
+    assert results["val_accuracy"] == original["val_accuracy"]
+    assert results["epochs_run_this_invocation"] == 0 and results["history"] == {}
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    names = [name for name, _ in tf.train.list_variables(str(float_run / "final" / "weights"))
+             if name.startswith("layer")]
+    assert len(names) > 20
+    for name in names:
+        np.testing.assert_array_equal(
+            tf.train.load_variable(str(adopted / "final" / "weights"), name),
+            tf.train.load_variable(str(float_run / "final" / "weights"), name))
+    refused = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'q'}", "--mode=qat",
+                      "--epochs=0", f"--init_from={float_run}", *TINY)
+    assert refused.returncode == 2 and "epochs must be >= 1" in refused.stderr
+
+
 def test_export_mode_on_a_float_run_and_bad_exports(folder, float_run, tmp_path):
     result = run_cli(f"--model_dir={float_run}", "--mode=export")
     assert result.returncode == 0, result.stderr[-3000:]

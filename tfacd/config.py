@@ -58,7 +58,8 @@ class ExperimentConfig:
     tfmot_scheme: str = "default_8bit"   # with tfmot_default: default_8bit, or default_n_bit
                                          # (tfmot's experimental scheme at weight_bits /
                                          # activation_bits)
-    epochs: int = 1
+    epochs: int = 1                      # 0 only for --mode=float with --init_from: the
+                                         # checkpoint adopted as a run (scored, saved), untrained
     batch_size: int = 128
     learning_rate: float = 0.05
     optimizer: str = "sgd"               # sgd (Nesterov momentum 0.9) or adam
@@ -117,7 +118,10 @@ class ExperimentConfig:
         need(self.architecture in ARCHITECTURES,
              f"architecture must be one of {sorted(ARCHITECTURES)}, got {self.architecture!r}")
         need(self.width > 0, f"width must be > 0, got {self.width!r}")
-        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
+        need(self.epochs >= 1 or (self.epochs == 0 and self.mode == "float"
+                                  and bool(self.init_from)),
+             f"epochs must be >= 1 (0 only for --mode=float with --init_from, which adopts "
+             f"that checkpoint as a run), got {self.epochs!r}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
         need(self.tfmot_scheme in TFMOT_SCHEMES,
              f"tfmot_scheme must be one of {TFMOT_SCHEMES}, got {self.tfmot_scheme!r}")

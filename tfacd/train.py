@@ -394,8 +394,12 @@ def run(config: ExperimentConfig) -> dict:
         callbacks.append(EpochLog(model_dir / EPOCH_LOG))
 
     start = time.perf_counter()
-    history = trainer.fit(train_data, validation_data=val_data, epochs=config.epochs,
-                        steps_per_epoch=steps, callbacks=callbacks, verbose=1)
+    if config.epochs:
+        history = trainer.fit(train_data, validation_data=val_data, epochs=config.epochs,
+                              steps_per_epoch=steps, callbacks=callbacks, verbose=1)
+    else:                   # a float checkpoint adopted as a run: scored and saved as it is
+        history = keras.callbacks.History()
+        history.history = {}
     train_seconds = time.perf_counter() - start
     losses = history.history.get("loss", [])
     if losses and not np.isfinite(losses[-1]) or trainer.stop_training:
