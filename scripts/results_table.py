@@ -7,7 +7,9 @@ One row per configuration: runs that differ only in `seed` are one row, with the
 spread (sample standard deviation; the seeds' values are listed too). Columns: W/A bits,
 granularity, ACD, SQNR loss weight, epochs, validation top-1, TFLite top-1 (the exported file on the
 same validation images), mean SQNR (dB, validation batch), wall time of the training
-(summed over resumed invocations). Unfinished runs are listed under the table.
+(summed over resumed invocations). A float run that adopted a checkpoint (`epochs: 0`)
+names the checkpoint's folder instead of epochs. Unfinished runs are listed under the
+table.
 
 `--ship` copies a run's small files (model.tflite, results.json, model_report.json) into
 `<to>/<run>/`, so anyone can check the numbers without retraining.
@@ -101,10 +103,18 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
         seconds = [r.get("train_seconds_total") or r.get("train_seconds") for r in results]
         # A run that predates the epoch log knows only its last invocation's time.
         partial_time = any(not r.get("train_seconds_total") for r in results)
+        adopted = [r for r in results if not r["config"]["epochs"]]
+        if adopted:
+            # A float checkpoint adopted as a run (`epochs: 0`): trained elsewhere, by the
+            # command its folder's README gives.
+            seconds = [None] * len(results)
+            partial_time = False
         lines.append("| " + " | ".join([
             ", ".join(name for name, _ in members),
             *describe(results[0]["config"]),
-            "/".join(sorted({str(r["config"]["epochs"]) for r in results})),
+            "/".join(sorted({str(r["config"]["epochs"]) if r["config"]["epochs"] else
+                             "checkpoint " + pathlib.Path(r["config"]["init_from"]).parent.name
+                             for r in results})),
             _percent([r.get("val_accuracy") for r in results]),
             _percent([(r.get("tflite") or {}).get("accuracy") for r in results]),
             _mean([r.get("mean_sqnr_db") for r in results], "{:.2f}"),

@@ -191,3 +191,25 @@ def test_table_names_mixed_granularities():
     n_bit = dict(tfmot, tfmot_scheme="default_n_bit", weight_bits=4, activation_bits=4)
     assert table.row_key(tfmot) != table.row_key(n_bit)
     assert table.describe(n_bit)[0] == "W4A4 (tfmot default_n_bit)"
+
+
+def test_table_names_an_adopted_float_checkpoint(tmp_path):
+    """A float run that adopted a checkpoint (`epochs: 0`) shows the checkpoint's folder and
+    no training time, not "0 epochs in 0 hours"."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("results_table",
+                                                  REPO / "scripts" / "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    run_dir = tmp_path / "c10_float"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({
+        "config": {"mode": "float", "epochs": 0,
+                   "init_from": "tfacd/pretrained/mobilenet_v2_cifar10_w0.5/weights"},
+        "val_accuracy": 0.8568, "train_seconds": 4e-6, "train_seconds_total": None}))
+    run = table.ablation.Run("c10_float", "configs/cifar10_float.yaml", {}, "float")
+    text, unfinished = table.table(tmp_path, [run])
+    row = next(line for line in text.splitlines() if line.startswith("| c10_float"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[5] == "checkpoint mobilenet_v2_cifar10_w0.5" and cells[6] == "85.68"
+    assert cells[-1] == "-" and not unfinished and "*" not in text
