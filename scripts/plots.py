@@ -9,8 +9,8 @@
    per-channel + ACD + SQNR runs.
 3. val_accuracy.png: validation top-1 after every QAT epoch for each W2A2 variant.
 
-Run names default to those of configs/plans/ablation_cifar10.yaml; a missing run is skipped with a
-note (so the script also works on a partly finished ablation).
+Run names are those of configs/plans/ablation_cifar10.yaml or configs/plans/recipe_cifar10.yaml;
+a missing run is skipped with a note (so the script also works on a partly finished plan).
 """
 
 from __future__ import annotations
@@ -26,27 +26,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 
+# Label -> the run's name in configs/plans/ablation_cifar10.yaml, then in
+# configs/plans/recipe_cifar10.yaml where it differs; the first one present is drawn.
 W2A2_VARIANTS = {
-    "per-layer": "c10_w2a2_pl_s0",
-    "per-channel": "c10_w2a2_pc_s0",
-    "per-channel + ACD decay": "c10_w2a2_pc_acd_decay",
-    "per-channel + ACD pull": "c10_w2a2_pc_acd_pull",
-    "per-channel + SQNR": "c10_w2a2_pc_sqnr",
-    "per-channel + ACD + SQNR": "c10_w2a2_pc_acd_sqnr_s0",
-    "per-channel W, per-layer A": "c10_w2a2_pcw_pla_s0",
-    "per-channel W, per-layer A + ACD + SQNR": "c10_w2a2_pcw_pla_acd_sqnr_s0",
+    "per-layer": ("c10_w2a2_pl_s0",),
+    "per-channel": ("c10_w2a2_pc_s0",),
+    "per-channel + ACD decay": ("c10_w2a2_pc_acd_decay", "c10_w2a2_pc_acd"),
+    "per-channel + ACD pull": ("c10_w2a2_pc_acd_pull",),
+    "per-channel + SQNR": ("c10_w2a2_pc_sqnr",),
+    "per-channel + ACD + SQNR": ("c10_w2a2_pc_acd_sqnr_s0",),
+    "per-channel W, per-layer A": ("c10_w2a2_pcw_pla_s0",),
+    "per-channel W, per-layer A + ACD + SQNR": ("c10_w2a2_pcw_pla_acd_sqnr_s0",
+                                                "c10_w2a2_pcw_pla_acd_sqnr"),
 }
 SQNR_RUNS = ("per-layer", "per-channel", "per-channel + ACD + SQNR")
 
 
-def load_results(runs_dir: pathlib.Path, names: dict[str, str]) -> dict[str, dict]:
+def load_results(runs_dir: pathlib.Path, names: dict[str, tuple]) -> dict[str, dict]:
     found = {}
-    for label, name in names.items():
-        path = runs_dir / name / "results.json"
-        if path.is_file():
+    for label, candidates in names.items():
+        path = next((runs_dir / name / "results.json" for name in candidates
+                     if (runs_dir / name / "results.json").is_file()), None)
+        if path is not None:
             found[label] = json.loads(path.read_text())
         else:
-            print(f"note: {path} not found; '{label}' left out", file=sys.stderr)
+            print(f"note: no results.json for {' or '.join(candidates)} in {runs_dir}; "
+                  f"'{label}' left out", file=sys.stderr)
     return found
 
 

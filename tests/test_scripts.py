@@ -213,3 +213,17 @@ def test_table_names_an_adopted_float_checkpoint(tmp_path):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[5] == "checkpoint mobilenet_v2_cifar10_w0.5" and cells[6] == "85.68"
     assert cells[-1] == "-" and not unfinished and "*" not in text
+
+
+def test_plots_find_a_variant_under_its_recipe_plan_name(tmp_path, capsys):
+    """The recipe plan names per-channel + ACD `c10_w2a2_pc_acd` (the older ablation plan
+    `c10_w2a2_pc_acd_decay`): the figures draw whichever is there."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location("plots", REPO / "scripts" / "plots.py")
+    plots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plots)
+    (tmp_path / "c10_w2a2_pc_acd").mkdir()
+    (tmp_path / "c10_w2a2_pc_acd" / "results.json").write_text(json.dumps({"val_accuracy": 0.5}))
+    found = plots.load_results(tmp_path, plots.W2A2_VARIANTS)
+    assert found == {"per-channel + ACD decay": {"val_accuracy": 0.5}}
+    assert "c10_w2a2_pl_s0" in capsys.readouterr().err
