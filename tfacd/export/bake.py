@@ -47,7 +47,6 @@ class Bake:
     activations: list        # ActivationPlan, in graph order
     float_layers: list       # names of layers left unquantized (float islands)
     quantized: bool
-    model: object = dataclasses.field(default=None, repr=False)
     # (pixel value, channel) pairs whose quantized input differs from Keras's: 0, or None
     # when the input normalization was not matched to an input quantizer.
     normalization_mismatches: int | None = None
@@ -162,5 +161,5 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "float
         return tapped if taps else values[id(model.outputs[0])]
 
     function = inference.get_concrete_function()
-    return Bake(function, weights, list(plans.values()), float_layers, quantized, model,
+    return Bake(function, weights, list(plans.values()), float_layers, quantized,
                 normalization_mismatches)
