@@ -80,6 +80,13 @@ def _mean(values, fmt):
     return fmt.format(np.mean(values)) if values else "-"
 
 
+def _epochs(config: dict) -> str:
+    """The epochs cell: the count, or the adopted checkpoint's folder (`epochs: 0`)."""
+    if config["epochs"]:
+        return str(config["epochs"])
+    return "checkpoint " + pathlib.Path(config["init_from"]).parent.name
+
+
 def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
     """(Markdown table, names of unfinished runs)."""
     rows, order, unfinished, footnote = {}, [], [], False
@@ -103,8 +110,7 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
         seconds = [r.get("train_seconds_total") or r.get("train_seconds") for r in results]
         # A run that predates the epoch log knows only its last invocation's time.
         partial_time = any(not r.get("train_seconds_total") for r in results)
-        adopted = [r for r in results if not r["config"]["epochs"]]
-        if adopted:
+        if any(not r["config"]["epochs"] for r in results):
             # A float checkpoint adopted as a run (`epochs: 0`): trained elsewhere, by the
             # command its folder's README gives.
             seconds = [None] * len(results)
@@ -112,9 +118,7 @@ def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:
         lines.append("| " + " | ".join([
             ", ".join(name for name, _ in members),
             *describe(results[0]["config"]),
-            "/".join(sorted({str(r["config"]["epochs"]) if r["config"]["epochs"] else
-                             "checkpoint " + pathlib.Path(r["config"]["init_from"]).parent.name
-                             for r in results})),
+            "/".join(sorted({_epochs(r["config"]) for r in results})),
             _percent([r.get("val_accuracy") for r in results]),
             _percent([(r.get("tflite") or {}).get("accuracy") for r in results]),
             _mean([r.get("mean_sqnr_db") for r in results], "{:.2f}"),

@@ -36,6 +36,15 @@ def run_script(name, *args, timeout=1200):
                           cwd=str(REPO))
 
 
+def _script_module(name):
+    """`scripts/<name>.py` imported as a module (the scripts are not a package)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
@@ -174,11 +183,7 @@ def test_bad_plans_exit_2_before_training(tmp_path, plan_text, message):
 
 
 def test_table_names_mixed_granularities():
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location("results_table",
-                                                  REPO / "scripts" / "results_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _script_module("results_table")
     config = {"mode": "qat", "weight_bits": 2, "activation_bits": 2, "acd": "off",
               "sqnr_weight": 0.0, "granularity": "per_channel", "activation_granularity": ""}
     assert table.describe(config)[1] == "per-channel"
@@ -196,11 +201,7 @@ def test_table_names_mixed_granularities():
 def test_table_names_an_adopted_float_checkpoint(tmp_path):
     """A float run that adopted a checkpoint (`epochs: 0`) shows the checkpoint's folder and
     no training time, not "0 epochs in 0 hours"."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location("results_table",
-                                                  REPO / "scripts" / "results_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = _script_module("results_table")
     run_dir = tmp_path / "c10_float"
     run_dir.mkdir()
     (run_dir / "results.json").write_text(json.dumps({
@@ -218,10 +219,7 @@ def test_table_names_an_adopted_float_checkpoint(tmp_path):
 def test_plots_find_a_variant_under_its_recipe_plan_name(tmp_path, capsys):
     """The recipe plan names per-channel + ACD `c10_w2a2_pc_acd` (the older ablation plan
     `c10_w2a2_pc_acd_decay`): the figures draw whichever is there."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location("plots", REPO / "scripts" / "plots.py")
-    plots = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plots)
+    plots = _script_module("plots")
     (tmp_path / "c10_w2a2_pc_acd").mkdir()
     (tmp_path / "c10_w2a2_pc_acd" / "results.json").write_text(json.dumps({"val_accuracy": 0.5}))
     found = plots.load_results(tmp_path, plots.W2A2_VARIANTS)
