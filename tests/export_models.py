@@ -7,6 +7,8 @@ import tensorflow as tf
 import tfacd
 from tfacd._keras import keras
 
+from tfacd.data import PIXEL_GRID, PIXEL_GRID_RANGE
+
 from conftest import tiny_cnn
 
 
@@ -36,12 +38,16 @@ def _trained_like(model, seed=0):
 
 
 def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False,
-                    activation_granularity=None, symmetric_weights=False):
+                    activation_granularity=None, symmetric_weights=False, pixel_grid=False):
+    """A tiny QAT model, calibrated on inputs normalized with MEAN/STD, or with
+    `pixel_grid` on `(p - 128) / 64` with the input quantizer fixed on that grid."""
     tf.random.set_seed(0)
     float_model = _trained_like(tiny_cnn()) if trained_like else tiny_cnn()
     model = tfacd.quantize_model(float_model, weight_bits=bits, activation_bits=bits,
                                  granularity=granularity, first_last_bits=first_last_bits,
                                  activation_granularity=activation_granularity,
-                                 symmetric_weights=symmetric_weights)
-    tfacd.calibrate(model, ((_pixels(64, seed=1) - MEAN) / STD).astype("float32"))
+                                 symmetric_weights=symmetric_weights,
+                                 input_range=PIXEL_GRID_RANGE if pixel_grid else None)
+    mean, std = PIXEL_GRID if pixel_grid else (MEAN, STD)
+    tfacd.calibrate(model, ((_pixels(64, seed=1) - mean) / std).astype("float32"))
     return model

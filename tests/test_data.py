@@ -94,6 +94,24 @@ def test_load_folder_splits_and_normalization(tmp_path):
     assert abs(everything.mean()) < 1e-3 and abs(everything.std() - 1) < 1e-2
 
 
+def test_pixel_grid_normalization_is_exact_on_its_8_bit_grid(tmp_path):
+    make_folder(tmp_path, per_class=10)
+    dataset = data.load(str(tmp_path), val_fraction=0.2, seed=0)
+    grid = data.load(str(tmp_path), val_fraction=0.2, seed=0, normalization="pixel_grid")
+    np.testing.assert_array_equal(grid.x_train, dataset.x_train)
+    assert grid.normalization == "pixel_grid" and grid.mean.tolist() == [128.0] * 3
+    np.testing.assert_array_equal(grid.dataset_mean, dataset.mean)
+    np.testing.assert_array_equal(data.with_normalization(grid, "dataset").std, dataset.std)
+    values = np.concatenate([b[0] for b in data.pipeline(
+        grid.x_train, grid.y_train, grid, 5, training=False)])
+    np.testing.assert_array_equal(values * 64 + 128, grid.x_train)      # exact in float32
+    lower, upper = data.PIXEL_GRID_RANGE
+    assert values.min() >= lower and values.max() <= upper
+    assert (upper - lower) * 64 == 255                        # 8 bits, step 1/64
+    with pytest.raises(data.DataError, match="normalization must be one of"):
+        data.load(str(tmp_path), normalization="imagenet")
+
+
 def test_augment_keeps_shape_and_values():
     image = np.arange(32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3)
     out = data.augment(image).numpy()

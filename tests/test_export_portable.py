@@ -12,6 +12,8 @@ from tfacd.export.requantization import (quantize_multiplier, requantization_che
                                          requantize_fixed_point, requantize_float)
 from tfacd.export.runtime import RUNTIMES
 
+from tfacd.data import PIXEL_GRID
+
 from export_models import MEAN, STD, _pixels, _quantized_tiny
 
 
@@ -60,6 +62,28 @@ def test_portable_file_computes_the_keras_model_on_every_runtime(
                if any(f"{name}/" in layer["filter"] for name in ("quant_dw", "quant_project"))]
     assert len(checked) == 2
     assert all(layer["float_differs"] == 0 for layer in checked), checked
+
+
+def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path):
+    # The input on the pixel grid needs no searched normalization, and 5-bit first and last
+    # weight layers leave room for the spread: nothing is left that a runtime computes
+    # differently.
+    model = _quantized_tiny(2, "per_channel", first_last_bits=5, trained_like=True,
+                            activation_granularity="per_layer", pixel_grid=True)
+    path = tmp_path / "w2a2.tflite"
+    pixels = _pixels(200)
+    export.export_tflite(model, path, input_mean=PIXEL_GRID[0], input_std=PIXEL_GRID[1],
+                         input_type="uint8", data=pixels, verbose=False,
+                         check_runtimes=RUNTIMES, requantization="portable",
+                         float_reference=False)
+    report = json.loads((tmp_path / "w2a2_report.json").read_text())
+    assert report["portable"]["layers"] == 4 and report["portable"]["skipped"] == {}
+    assert report["input_normalization_mismatches"] == 0
+    for runtime in RUNTIMES:
+        assert report["fidelity_by_runtime"][runtime]["top1_agreement"] == 1.0, runtime
+    layers = requantization_check(path, pixels[:40])
+    assert len(layers) >= 5                     # the normalization, 4 weight layers
+    assert all(layer["float_differs"] == 0 for layer in layers), layers
 
 
 def test_portable_refuses_int4_storage(tmp_path):

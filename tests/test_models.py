@@ -39,3 +39,33 @@ def test_bn_momentum_is_applied():
     model = tfacd.mobilenet_v2_cifar(width=0.35, bn_momentum=0.9)
     assert all(layer.momentum == 0.9 for layer in model.layers
                if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def _stem_bn_output(model, x):
+    return keras.Model(model.inputs, model.get_layer("stem_bn").output)(x, training=False).numpy()
+
+
+def test_renormalize_input_keeps_the_function_away_from_the_border():
+    rng = np.random.default_rng(0)
+    model = tfacd.models.build("mobilenet_v2_cifar_tiny", width=0.35, input_shape=(8, 8, 3))
+    bn = model.get_layer("stem_bn")
+    bn.moving_mean.assign(rng.normal(0, 0.3, bn.moving_mean.shape).astype("float32"))
+    old_mean, old_std = np.array([125.3, 123.0, 113.9]), np.array([63.0, 62.1, 66.7])
+    pixels = rng.integers(0, 256, (4, 8, 8, 3)).astype("float32")
+    before = _stem_bn_output(model, (pixels - old_mean) / old_std)
+    tfacd.models.renormalize_input(model, old_mean, old_std, 128.0, 64.0)
+    after = _stem_bn_output(model, (pixels - 128.0) / 64.0)
+    # Inside, the same function; on the 1-pixel border the zero padding means another pixel.
+    np.testing.assert_allclose(after[:, 1:-1, 1:-1], before[:, 1:-1, 1:-1], atol=1e-4)
+    assert np.abs(after[:, 0] - before[:, 0]).max() > 1e-3
+
+
+def test_renormalize_input_names_what_it_cannot_rewrite():
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(ValueError, match="needs the input to feed one Conv2D"):
+        tfacd.models.renormalize_input(model, 0.0, 1.0, 128.0, 64.0)
+    conv = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    model = keras.Model(inputs, keras.layers.ReLU()(conv))
+    with pytest.raises(ValueError, match="no single BatchNormalization"):
+        tfacd.models.renormalize_input(model, 0.0, 1.0, 128.0, 64.0)

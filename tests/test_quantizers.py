@@ -7,6 +7,7 @@ import tensorflow_model_optimization as tfmot
 
 import tfacd
 from tfacd._keras import keras
+from tfacd.data import PIXEL_GRID_RANGE
 from tfacd.quantizers import ClipQuantizer
 
 
@@ -118,3 +119,19 @@ def test_acd_pull_penalty_uses_the_pull_strengths():
     layer(tf.constant([[-3.0, 2.0]]), training=True)
     # lower: mean(relu(-1 - x)^2) = (4 + 0) / 2; upper: mean(relu(x - 1)^2) = (0 + 1) / 2
     np.testing.assert_allclose(float(layer.losses[-1]), 2.0 * 2.0 + 3.0 * 0.5, rtol=1e-5)
+
+
+def test_fixed_range_holds_the_pixel_grid_exactly_and_never_moves():
+    lower, upper = PIXEL_GRID_RANGE
+    quantizer = ClipQuantizer(8, per_channel=False, fixed_range=(lower, upper))
+    layer, variables = _built(quantizer, (None, 4, 4, 3))
+    assert not variables["lower"].trainable and not variables["upper"].trainable
+    pixels = np.arange(256, dtype="float32").reshape(1, 4, 64, 1).repeat(3, -1)
+    x = (pixels - 128.0) / 64.0
+    np.testing.assert_array_equal(layer(x, training=True).numpy(), x)
+    with tfacd.quantizers.calibrating():
+        layer(x * 3.0, training=False)                   # data far outside: clips stay
+    assert variables["lower"].numpy() == lower and variables["upper"].numpy() == upper
+    assert ClipQuantizer.from_config(quantizer.get_config()) == quantizer
+    with pytest.raises(ValueError, match="fixed_range must be"):
+        ClipQuantizer(8, fixed_range=(1.0, 1.0))

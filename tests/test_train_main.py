@@ -378,3 +378,34 @@ def test_symmetric_weights_setting_reaches_every_sub_8_bit_weight_quantizer():
              for _, _, q, _ in quantizers.iter_quantizers(train.quantize(config, tiny_cnn()))}
     assert ("weight", 4, True) in found and ("weight", 4, False) not in found
     assert {step for kind, _, step in found if kind == "activation"} == {False}
+
+
+def test_pixel_grid_qat_from_a_dataset_normalized_float_run(folder, float_run, tmp_path):
+    """The float run was trained on the dataset's statistics; the QAT run on the pixel grid
+    gets its stem re-expressed (student and teacher), the input quantizer fixed on the grid,
+    and a file whose input needs no searched normalization. A QAT teacher on the other
+    normalization is refused."""
+    model_dir = tmp_path / "grid"
+    result = run_cli(f"--dataset={folder}", f"--model_dir={model_dir}", "--mode=qat",
+                     f"--init_from={float_run}", "--input_normalization=pixel_grid",
+                     "--distill_weight=0.5", "--activation_granularity=per_layer",
+                     "--acd=decay", "--acd_schedule=constant", "--sqnr_weight=0.01",
+                     "--epochs=1", "--steps_per_epoch=2", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("re-expressed for input_normalization=pixel_grid") == 2
+    results = _results(model_dir)
+    assert results["config"]["input_normalization"] == "pixel_grid"
+    report = json.loads((model_dir / "model_report.json").read_text())
+    options = report["options"]
+    assert options["input_mean"] == [128.0] * 3 and options["input_std"] == [64.0] * 3
+    assert report["input_normalization_mismatches"] == 0
+    assert report["fidelity"]["top1_agreement"] == 1.0
+    # --mode=eval rebuilds it with its own normalization: the same accuracy.
+    evaluated = run_cli(f"--model_dir={model_dir}", "--mode=eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    printed, _ = json.JSONDecoder().raw_decode(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert printed["val_accuracy"] == pytest.approx(results["val_accuracy"])
+    refused = run_cli(f"--dataset={folder}", f"--model_dir={tmp_path / 'bad'}", "--mode=qat",
+                      f"--init_from={float_run}", f"--distill_from={model_dir}",
+                      "--distill_weight=0.5", "--epochs=1", "--steps_per_epoch=1", *TINY)
+    assert refused.returncode == 2 and "a QAT teacher must use" in refused.stderr

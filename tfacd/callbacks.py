@@ -127,8 +127,9 @@ class ClipDecay(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         kinds = {"all": ("weight", "activation"), "weights": ("weight",),
                  "activations": ("activation",)}[self.apply_to]
+        # A quantizer with a fixed range (the pixel-grid input) has no clips to decay.
         self._targets = [variables for _, _, quantizer, variables in iter_quantizers(self.model)
-                         if quantizer.kind in kinds]
+                         if quantizer.kind in kinds and quantizer.fixed_range is None]
         if not self._targets:
             raise ValueError("ClipDecay found no tfacd quantizers in the model: quantize it "
                              "with tfacd.quantize_model first")

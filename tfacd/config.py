@@ -11,6 +11,7 @@ import pathlib
 
 import yaml
 
+from tfacd import data as data_lib
 from tfacd import ops
 
 MODES = ("float", "qat", "eval", "export")
@@ -78,6 +79,10 @@ class ExperimentConfig:
     freeze_bn: bool = False              # QAT: BatchNorm in inference mode, statistics fixed
     seed: int = 0                        # initialization, shuffling, augmentation
     split_seed: int = 0                  # which images form the validation split
+    input_normalization: str = "dataset" # dataset (per-channel mean/std of the training
+                                         # split) or pixel_grid ((p - 128) / 64, every
+                                         # channel; the QAT input quantizer fixed and lossless
+                                         # on it: tfacd.data.PIXEL_GRID)
     strategy: str = "default"
     val_fraction: float = 0.1
     steps_per_epoch: int = 0             # 0: the whole training split every epoch
@@ -155,6 +160,9 @@ class ExperimentConfig:
              f"{self.acd_lower_strength!r} and {self.acd_upper_strength!r}")
         need(self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes!r}")
         need(self.calibration_batches >= 1, "calibration_batches must be >= 1")
+        need(self.input_normalization in data_lib.NORMALIZATIONS,
+             f"input_normalization must be one of {data_lib.NORMALIZATIONS}, "
+             f"got {self.input_normalization!r}")
         need(self.export_input_type in EXPORT_INPUT_TYPES,
              f"export_input_type must be one of {EXPORT_INPUT_TYPES}, "
              f"got {self.export_input_type!r}")

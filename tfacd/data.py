@@ -2,8 +2,10 @@
 
 Every source ends up as uint8 arrays in memory (CIFAR-sized data fits easily), split into
 train / validation (a fixed, stratified fraction of train) / test (when the source has one),
-and served by `tf.data` pipelines with CIFAR augmentation and per-channel normalization
-computed from the training split.
+and served by `tf.data` pipelines with CIFAR augmentation and a normalization: per channel from
+the training split's statistics (`"dataset"`), or one scalar map for every channel,
+`(p - 128) / 64` (`"pixel_grid"`, `PIXEL_GRID`), whose values an 8-bit quantizer over
+`PIXEL_GRID_RANGE` holds exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 TFDS_NAMES = ("cifar10", "cifar100")
+NORMALIZATIONS = ("dataset", "pixel_grid")
+#: (mean, std) of the "pixel_grid" normalization, in pixel units, for every channel. A power
+#: of two as std keeps `(p - 128) / 64` exact in float32, and the normalized values are the
+#: 8-bit grid of step 1/64 over `PIXEL_GRID_RANGE`: the int8 input of a TFLite file is `p - 128`.
+PIXEL_GRID = (128.0, 64.0)
+PIXEL_GRID_RANGE = (-2.0, 127.0 / 64.0)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -36,8 +44,11 @@ class Splits:
     x_test: np.ndarray | None
     y_test: np.ndarray | None
     class_names: list[str]
-    mean: np.ndarray          # per-channel, in [0, 255] units, from the training split
-    std: np.ndarray
+    mean: np.ndarray          # per channel, in [0, 255] units: what the pipelines subtract
+    std: np.ndarray           # and divide by (the normalization's)
+    normalization: str = "dataset"
+    dataset_mean: np.ndarray | None = None   # the training split's own statistics
+    dataset_std: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -196,8 +207,11 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
 
 
 def load(dataset: str, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-         image_size: int | None = None) -> Splits:
-    """Loads `dataset` ("cifar10", "cifar100" or an image-folder path) into `Splits`."""
+         image_size: int | None = None, normalization: str = "dataset") -> Splits:
+    """Loads `dataset` ("cifar10", "cifar100" or an image-folder path) into `Splits`, with
+    the `normalization` ("dataset" or "pixel_grid", see the module docstring)."""
+    if normalization not in NORMALIZATIONS:
+        raise DataError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if dataset in TFDS_NAMES:
         x, y, x_test, y_test, names = load_tfds(dataset, data_dir, image_size)
     elif os.sep in dataset or os.path.isdir(dataset):
@@ -208,8 +222,22 @@ def load(dataset: str, data_dir: str | None = None, val_fraction: float = 0.1, s
     x_train = x[train_idx]
     mean = x_train.reshape(-1, x.shape[-1]).mean(axis=0)
     std = x_train.reshape(-1, x.shape[-1]).std(axis=0) + 1e-6
-    return Splits(x_train, y[train_idx], x[val_idx], y[val_idx], x_test, y_test, names,
-                  mean.astype(np.float32), std.astype(np.float32))
+    splits = Splits(x_train, y[train_idx], x[val_idx], y[val_idx], x_test, y_test, names,
+                    mean.astype(np.float32), std.astype(np.float32), "dataset",
+                    mean.astype(np.float32), std.astype(np.float32))
+    return with_normalization(splits, normalization)
+
+
+def with_normalization(splits: Splits, normalization: str) -> Splits:
+    """`splits` whose pipelines normalize with `normalization` (same images)."""
+    if normalization == "dataset":
+        mean, std = splits.dataset_mean, splits.dataset_std
+    elif normalization == "pixel_grid":
+        channels = splits.x_train.shape[-1]
+        mean, std = (np.full(channels, v, np.float32) for v in PIXEL_GRID)
+    else:
+        raise DataError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return dataclasses.replace(splits, mean=mean, std=std, normalization=normalization)
 
 
 def normalize(images, mean, std):

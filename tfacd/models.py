@@ -12,6 +12,8 @@ models. It outputs logits (no softmax); train with `from_logits=True`.
 
 from __future__ import annotations
 
+import numpy as np
+
 from tfacd._keras import keras
 
 layers = keras.layers
@@ -114,3 +116,45 @@ def build(architecture: str, **kwargs) -> keras.Model:
         raise ValueError(f"unknown architecture {architecture!r}: use one of "
                          f"{sorted(ARCHITECTURES)}")
     return mobilenet_v2_cifar(blocks=ARCHITECTURES[architecture], **kwargs)
+
+
+def renormalize_input(model: keras.Model, old_mean, old_std, new_mean, new_std) -> None:
+    """Makes a float `model` trained on `(p - old_mean) / old_std` take `(p - new_mean) /
+    new_std` instead (per channel, pixel units), by changing its first convolution in place.
+
+    With `x_old = a x_new + d`, `a = new_std / old_std`, `d = (new_mean - old_mean) / old_std`
+    per input channel, the convolution's kernel `K` becomes `K a` (scaled along its input
+    channels) and its output gains `o = sum over taps and channels of K d`. `o` goes into the
+    convolution's bias, or, without one, into the moving mean of the BatchNormalization that
+    follows (`mean - o`): the same function away from the border. At the border the
+    convolution pads with zero, which is the pixel `old_mean` before and `new_mean` after
+    (for the pixel grid against CIFAR-10's statistics, up to 0.2 of a normalized unit).
+
+    Raises:
+      ValueError: the input feeds anything but one Conv2D, or that convolution has neither a
+        bias nor a single BatchNormalization after it.
+    """
+    def consumers_of(layer):        # in this model only (an Input can feed several models)
+        return [node.outbound_layer for node in layer._outbound_nodes  # pylint: disable=protected-access
+                if any(node.outbound_layer is other for other in model.layers)]
+
+    consumers = consumers_of(model.layers[0])
+    if len(consumers) != 1 or type(consumers[0]).__name__ != "Conv2D":
+        names = [f"{layer.name} ({type(layer).__name__})" for layer in consumers]
+        raise ValueError(f"renormalize_input needs the input to feed one Conv2D, got {names}")
+    conv = consumers[0]
+    kernel = conv.kernel.numpy().astype(np.float64)
+    old_std = np.broadcast_to(np.asarray(old_std, np.float64), kernel.shape[2:3])
+    scale = np.asarray(new_std, np.float64) / old_std
+    shift = (np.asarray(new_mean, np.float64) - np.asarray(old_mean, np.float64)) / old_std
+    offset = np.einsum("hwco,c->o", kernel, np.broadcast_to(shift, kernel.shape[2:3]))
+    new_kernel = kernel * np.broadcast_to(scale, kernel.shape[2:3])[None, None, :, None]
+    if conv.use_bias:
+        conv.bias.assign((conv.bias.numpy() + offset).astype(np.float32))
+    else:
+        after = consumers_of(conv)
+        if len(after) != 1 or type(after[0]).__name__ != "BatchNormalization":
+            raise ValueError(f"renormalize_input: {conv.name} has no bias and no single "
+                             "BatchNormalization after it to take the offset")
+        after[0].moving_mean.assign((after[0].moving_mean.numpy() - offset).astype(np.float32))
+    conv.kernel.assign(new_kernel.astype(np.float32))

@@ -117,6 +117,11 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
       symmetric_grid: weights only; the symmetric grid `s = max(|l|, |u|) / (2^(b-1) - 1)`
         at every width, not only at 8 bits: at 4 bits its integers fit int4 (`[-7, 7]`), so
         `tfacd.export` can store the weights as int4. The clips stay asymmetric and learnable.
+      fixed_range: `(l, u)`: clips fixed at these values, neither trained, calibrated nor
+        decayed (the data range is still tracked). The model input on the pixel grid uses it
+        (`tfacd.data.PIXEL_GRID`): 8 bits over `[-2, 127/64]` hold `(p - 128) / 64` for every
+        pixel value `p` exactly, so the input quantizer is lossless and every TFLite runtime
+        reads the same integers (`p - 128`).
 
     Reference: Esser et al. 2020 (LSQ); Bhalgat et al. 2020 (LSQ+); Choi et al. 2018 (PACT).
     """
@@ -125,7 +130,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
                  kind: str = "activation", gradient: str = "lsq", init_method: str = "mse",
                  integer_zero_point: bool = True, sqnr_loss_weight: float = 0.0,
                  acd_pull: bool = False, range_momentum: float = 0.9,
-                 symmetric_grid: bool = False):
+                 symmetric_grid: bool = False, fixed_range=None):
         self.num_bits = ops.check_bits(num_bits)
         self.per_channel = bool(per_channel)
         self.axis = int(axis)
@@ -146,6 +151,12 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             raise ValueError("symmetric_grid is for weight quantizers; activations keep the "
                              f"asymmetric grid (kind={kind!r})")
         self.symmetric_grid = bool(symmetric_grid)
+        if fixed_range is not None:
+            fixed_range = tuple(float(v) for v in fixed_range)
+            if len(fixed_range) != 2 or not fixed_range[0] < fixed_range[1]:
+                raise ValueError(f"fixed_range must be (lower, upper) with lower < upper, got "
+                                 f"{fixed_range!r}")
+        self.fixed_range = fixed_range
         self._layer_ref = None
 
     @property
@@ -185,10 +196,12 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
                 initializer=keras.initializers.Constant(init))
 
         # Placeholder clips until data arrives ([-1, 1] never produces a NaN).
+        lower, upper = self.fixed_range or (-1.0, 1.0)
+        fixed = self.fixed_range is not None
         return {
-            "lower": add("lower", -1.0, True),
-            "upper": add("upper", 1.0, True),
-            "initialized": add("initialized", 0.0, False, ()),
+            "lower": add("lower", lower, not fixed),
+            "upper": add("upper", upper, not fixed),
+            "initialized": add("initialized", float(fixed), False, ()),
             "data_min": add("data_min", 0.0, False),
             "data_max": add("data_max", 0.0, False),
             "sqnr_db": add("sqnr_db", 0.0, False, ()),
@@ -257,6 +270,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             "acd_pull": self.acd_pull,
             "range_momentum": self.range_momentum,
             "symmetric_grid": self.symmetric_grid,
+            "fixed_range": self.fixed_range,
         }
 
     def __eq__(self, other):
@@ -293,8 +307,11 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
         quantizer's `init_method`)."""
         x = tf.stop_gradient(tf.convert_to_tensor(x, tf.float32))
         axis = self._axis_for(x)
-        lower, upper = ops.init_clips(x, self.num_bits, axis, method or self.init_method,
-                                      self.integer_zero_point, self.symmetric_step)
+        if self.fixed_range is not None:
+            lower, upper = (tf.constant(v, tf.float32) for v in self.fixed_range)
+        else:
+            lower, upper = ops.init_clips(x, self.num_bits, axis, method or self.init_method,
+                                          self.integer_zero_point, self.symmetric_step)
         data_min, data_max = ops.init_clips_minmax(x, axis)
         return tf.group(weights["lower"].assign(lower), weights["upper"].assign(upper),
                         weights["data_min"].assign(data_min),

@@ -72,6 +72,11 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
       acd_pull: build activation quantizers with the ACD "pull" penalty, driven by
         `tfacd.callbacks.ClipDecay(mode="pull")`.
       quantize_input: add an input quantizer after each model input.
+      input_range: `(lower, upper)`: the input quantizer at 8 bits with its clips fixed there
+        (`ClipQuantizer(fixed_range=...)`), for inputs that already sit on a known 8-bit grid:
+        with `tfacd.data.PIXEL_GRID`'s normalization, `(-2, 127/64)` holds every pixel value
+        exactly, and every TFLite runtime reads the same input integers. None: the input's
+        clips are calibrated and learned at `first_last_bits` like any activation's.
       symmetric_weights: weight grids symmetric around zero at every width,
         `s = max(|l|, |u|) / (2^(b-1) - 1)` (8-bit weights always are; `tfacd.ops`). At 4 bits
         this is what int4 storage needs (`export_tflite(..., weight_storage="int4")`): 15
@@ -88,7 +93,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
                  quantize_input: bool = True, unsupported_layers: str = "error",
                  activation_granularity: str | None = None,
                  activation_init_method: str | None = None,
-                 symmetric_weights: bool = False):
+                 symmetric_weights: bool = False, input_range=None):
         self.weight_bits = _checked_bits("weight_bits", weight_bits)
         self.activation_bits = _checked_bits("activation_bits", activation_bits)
         if granularity not in GRANULARITIES:
@@ -114,6 +119,12 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         self.acd_pull = bool(acd_pull)
         self.quantize_input = bool(quantize_input)
         self.symmetric_weights = bool(symmetric_weights)
+        if input_range is not None:
+            input_range = tuple(float(v) for v in input_range)
+            if len(input_range) != 2 or not input_range[0] < input_range[1]:
+                raise ValueError(f"input_range must be (lower, upper) with lower < upper, got "
+                                 f"{input_range!r}")
+        self.input_range = input_range
         if unsupported_layers not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported_layers must be one of {UNSUPPORTED_POLICIES}, "
                              f"got {unsupported_layers!r}")
@@ -124,7 +135,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
             "weight_bits", "activation_bits", "granularity", "first_last_bits", "sqnr_weight",
             "gradient", "init_method", "integer_zero_point", "acd_pull", "quantize_input",
             "unsupported_layers", "activation_granularity",
-            "activation_init_method", "symmetric_weights")}
+            "activation_init_method", "symmetric_weights", "input_range")}
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -245,7 +256,11 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
             created.extend(config.quantizers())
 
         input_quantizer = None
-        if scheme.quantize_input:
+        if scheme.quantize_input and scheme.input_range is not None:
+            # Fixed and lossless on its grid: nothing for the SQNR loss to tune.
+            input_quantizer = scheme.make_quantizer(8, "activation", per_channel=False)
+            input_quantizer.fixed_range = scheme.input_range
+        elif scheme.quantize_input:
             input_bits = scheme.first_last_bits or scheme.activation_bits
             input_quantizer = scheme.make_quantizer(input_bits, "activation", per_channel=False)
             created.append(input_quantizer)

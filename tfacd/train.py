@@ -111,8 +111,10 @@ def build_float_model(config: ExperimentConfig, splits: data_lib.Splits):
 
 def model_of_run(path: str, config: ExperimentConfig, splits: data_lib.Splits, what: str):
     """The model a run directory (float or QAT; rebuilt from its results.json config) or a
-    bare checkpoint prefix (a float model of `config`'s architecture) holds, weights loaded."""
-    saved = _saved_config(path) or dataclasses.replace(config, mode="float")
+    bare checkpoint prefix (a float model of `config`'s architecture) holds, weights loaded,
+    for the input normalization it was trained with (see `adapt_input`)."""
+    saved = _saved_config(path) or dataclasses.replace(config, mode="float",
+                                                       input_normalization="dataset")
     model = build_float_model(saved, splits)
     if saved.mode == "qat":
         model = quantize(saved, model)
@@ -120,21 +122,49 @@ def model_of_run(path: str, config: ExperimentConfig, splits: data_lib.Splits, w
     return model
 
 
+def _normalization_of(path: str) -> str:
+    """The input normalization a run (or checkpoint) was trained with. A bare checkpoint
+    prefix has no config: it is taken to be trained with the dataset's statistics, as every
+    shipped checkpoint is."""
+    saved = _saved_config(path)
+    return saved.input_normalization if saved is not None else "dataset"
+
+
+def adapt_input(model, source: str, config: ExperimentConfig, splits: data_lib.Splits,
+                what: str):
+    """Makes a float `model` trained with the input normalization `source` take this run's
+    (`tfacd.models.renormalize_input`); a no-op when they are the same."""
+    if source == config.input_normalization:
+        return
+    old = data_lib.with_normalization(splits, source)
+    try:
+        tfacd.models.renormalize_input(model, old.mean, old.std, splits.mean, splits.std)
+    except ValueError as error:
+        raise ConfigError(f"{what}: trained with input_normalization={source}, this run uses "
+                          f"{config.input_normalization}, and {error}") from None
+    print(f"{what}: its first convolution re-expressed for input_normalization="
+          f"{config.input_normalization} (trained with {source})")
+
+
 def initial_weights(model, config: ExperimentConfig, splits: data_lib.Splits):
     """Loads `--init_from` into the float `model`: a float run's weights as they are; a QAT
-    run's own weights without its clips (progressive precision, `tfacd.progressive`)."""
+    run's own weights without its clips (progressive precision, `tfacd.progressive`). Either
+    way the model is then adapted to this run's input normalization (`adapt_input`)."""
     saved = _saved_config(config.init_from)
+    source = _normalization_of(config.init_from)
     if saved is None or saved.mode != "qat":
         load_weights(model, _weights_prefix(config.init_from), "--init_from")
+        adapt_input(model, source, config, splits, "--init_from")
         return
     if saved.tfmot_default:
         raise ConfigError(f"--init_from={config.init_from} is a tfmot default QAT run; "
                           "progressive stages start from tfacd runs")
-    source = model_of_run(config.init_from, config, splits, "--init_from")
+    source_model = model_of_run(config.init_from, config, splits, "--init_from")
     try:
-        tfacd.progressive.transfer_weights(source, model)
+        tfacd.progressive.transfer_weights(source_model, model)
     except ValueError as error:
         raise ConfigError(f"--init_from={config.init_from}: {error}") from None
+    adapt_input(model, source, config, splits, "--init_from")
     print(f"progressive start: weights of the W{saved.weight_bits}A{saved.activation_bits} "
           f"run {config.init_from}; clips derived anew for W{config.weight_bits}"
           f"A{config.activation_bits}")
@@ -160,7 +190,9 @@ def quantize(config: ExperimentConfig, model):
         sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull",
         activation_granularity=config.activation_granularity or None,
         activation_init_method=config.activation_init_method or None,
-        symmetric_weights=config.symmetric_weights)
+        symmetric_weights=config.symmetric_weights,
+        input_range=(data_lib.PIXEL_GRID_RANGE if config.input_normalization == "pixel_grid"
+                     else None))
 
 
 def load_weights(model, prefix: str, what: str):
@@ -327,7 +359,7 @@ def run(config: ExperimentConfig) -> dict:
 
     with phase(f"data: {config.dataset}"):
         splits = data_lib.load(config.dataset, config.data_dir or None, config.val_fraction,
-                               config.split_seed)
+                               config.split_seed, normalization=config.input_normalization)
     batch = config.batch_size
     train_data = data_lib.pipeline(splits.x_train, splits.y_train, splits, batch, True,
                                    config.seed)
@@ -361,6 +393,14 @@ def run(config: ExperimentConfig) -> dict:
         trainer = model
         if teacher_path:
             teacher = model_of_run(teacher_path, config, splits, "--distill_from")
+            # The teacher sees the student's inputs.
+            saved_teacher = _saved_config(teacher_path)
+            if saved_teacher is not None and saved_teacher.mode == "qat" and \
+                    saved_teacher.input_normalization != config.input_normalization:
+                raise ConfigError(f"--distill_from={teacher_path}: a QAT teacher must use "
+                                  f"this run's input_normalization={config.input_normalization}")
+            adapt_input(teacher, _normalization_of(teacher_path), config, splits,
+                        "--distill_from")
             trainer = tfacd.distill.Distiller(model, teacher, weight=config.distill_weight,
                                               temperature=config.distill_temperature)
             # Built before `fit`, as BackupAndRestore needs to restore the optimizer's state
@@ -575,7 +615,7 @@ def _rebuild(model_dir: pathlib.Path, what: str):
     if saved is None:
         raise ConfigError(f"{what}: {model_dir / RESULTS} not found (train there first)")
     splits = data_lib.load(saved.dataset, saved.data_dir or None, saved.val_fraction,
-                           saved.split_seed)
+                           saved.split_seed, normalization=saved.input_normalization)
     return model_of_run(str(model_dir), saved, splits, "--model_dir"), splits, saved
 
 
