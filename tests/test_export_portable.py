@@ -81,7 +81,9 @@ def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path):
     assert report["input_normalization_mismatches"] == 0
     for runtime in RUNTIMES:
         assert report["fidelity_by_runtime"][runtime]["top1_agreement"] == 1.0, runtime
-    layers = requantization_check(path, pixels[:40])
+    # Every pixel value on every channel, then natural-looking images.
+    every_value = np.arange(256, dtype="float32").reshape(4, 8, 8, 1).repeat(3, axis=-1)
+    layers = requantization_check(path, np.concatenate([every_value, pixels[:40]]))
     assert len(layers) >= 5                     # the normalization, 4 weight layers
     assert all(layer["float_differs"] == 0 for layer in layers), layers
 
