@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 # Label -> the run's name in configs/plans/ablation_cifar10.yaml, then in
 # configs/plans/recipe_cifar10.yaml where it differs; the first one present is drawn.
 W2A2_VARIANTS = {
-    "per-layer": ("c10_w2a2_pl_s0",),
+    "per-layer": ("c10_w2a2_pl_s0", "c10_w2a2_pl_s1"),
     "per-channel": ("c10_w2a2_pc_s0",),
     "per-channel + ACD decay": ("c10_w2a2_pc_acd_decay", "c10_w2a2_pc_acd"),
     "per-channel + ACD pull": ("c10_w2a2_pc_acd_pull",),
