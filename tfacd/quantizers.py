@@ -74,6 +74,19 @@ def recording_ranges():
 
 
 @keras.utils.register_keras_serializable(package="tfacd")
+def check_range(name: str, value):
+    """`value` as a `(lower, upper)` tuple of floats with lower < upper, or None."""
+    if value is None:
+        return None
+    try:
+        lower, upper = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (lower, upper), got {value!r}") from None
+    if not lower < upper:
+        raise ValueError(f"{name} must be (lower, upper) with lower < upper, got {value!r}")
+    return lower, upper
+
+
 class ClipQuantizer(tfmot_quantizers.Quantizer):
     """Uniform asymmetric fake quantizer with learnable lower and upper clips.
 
@@ -151,12 +164,7 @@ class ClipQuantizer(tfmot_quantizers.Quantizer):
             raise ValueError("symmetric_grid is for weight quantizers; activations keep the "
                              f"asymmetric grid (kind={kind!r})")
         self.symmetric_grid = bool(symmetric_grid)
-        if fixed_range is not None:
-            fixed_range = tuple(float(v) for v in fixed_range)
-            if len(fixed_range) != 2 or not fixed_range[0] < fixed_range[1]:
-                raise ValueError(f"fixed_range must be (lower, upper) with lower < upper, got "
-                                 f"{fixed_range!r}")
-        self.fixed_range = fixed_range
+        self.fixed_range = check_range("fixed_range", fixed_range)
         self._layer_ref = None
 
     @property

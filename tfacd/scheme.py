@@ -40,7 +40,8 @@ from tf_keras.src.saving.serialization_lib import SafeModeScope
 
 from tfacd import kernels, ops
 from tfacd._keras import keras
-from tfacd.quantizers import GRANULARITIES, ClipQuantizer, calibrating, iter_quantizers
+from tfacd.quantizers import (GRANULARITIES, ClipQuantizer, calibrating, check_range,
+                              iter_quantizers)
 from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry, layer_role
 
 UNSUPPORTED_POLICIES = ("error", "float")
@@ -119,12 +120,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         self.acd_pull = bool(acd_pull)
         self.quantize_input = bool(quantize_input)
         self.symmetric_weights = bool(symmetric_weights)
-        if input_range is not None:
-            input_range = tuple(float(v) for v in input_range)
-            if len(input_range) != 2 or not input_range[0] < input_range[1]:
-                raise ValueError(f"input_range must be (lower, upper) with lower < upper, got "
-                                 f"{input_range!r}")
-        self.input_range = input_range
+        self.input_range = check_range("input_range", input_range)
         if unsupported_layers not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported_layers must be one of {UNSUPPORTED_POLICIES}, "
                              f"got {unsupported_layers!r}")
