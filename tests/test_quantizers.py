@@ -62,6 +62,8 @@ def test_config_round_trips_through_keras_and_tfmot_scope():
     with tfacd.quantize_scope():
         restored = keras.utils.deserialize_keras_object(serialized)
     assert restored == quantizer
+    # Registered with Keras itself, so models holding it reload outside quantize_scope too.
+    assert keras.utils.get_registered_object("tfacd>ClipQuantizer") is ClipQuantizer
     assert isinstance(quantizer, tfmot.quantization.keras.quantizers.Quantizer)
     symmetric = ClipQuantizer(4, kind="weight", symmetric_grid=True)
     assert ClipQuantizer.from_config(symmetric.get_config()) == symmetric != \

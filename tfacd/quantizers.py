@@ -73,7 +73,6 @@ def recording_ranges():
         _RECORDED_RANGES = previous
 
 
-@keras.utils.register_keras_serializable(package="tfacd")
 def check_range(name: str, value):
     """`value` as a `(lower, upper)` tuple of floats with lower < upper, or None."""
     if value is None:
@@ -87,6 +86,7 @@ def check_range(name: str, value):
     return lower, upper
 
 
+@keras.utils.register_keras_serializable(package="tfacd")
 class ClipQuantizer(tfmot_quantizers.Quantizer):
     """Uniform asymmetric fake quantizer with learnable lower and upper clips.
 

@@ -144,7 +144,7 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         return ClipQuantizeRegistry(self)
 
     def make_quantizer(self, num_bits: int, kind: str, axis: int = -1,
-                       per_channel: bool | None = None) -> ClipQuantizer:
+                       per_channel: bool | None = None, fixed_range=None) -> ClipQuantizer:
         """A `ClipQuantizer` with this scheme's settings."""
         if per_channel is None:
             granularity = (self.activation_granularity or self.granularity
@@ -157,7 +157,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
                          if kind == "activation" else self.init_method),
             integer_zero_point=self.integer_zero_point,
             acd_pull=self.acd_pull and kind == "activation",
-            symmetric_grid=self.symmetric_weights and kind == "weight")
+            symmetric_grid=self.symmetric_weights and kind == "weight",
+            fixed_range=fixed_range)
 
 
 def _checked_bits(name, value):
@@ -254,8 +255,8 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
         input_quantizer = None
         if scheme.quantize_input and scheme.input_range is not None:
             # Fixed and lossless on its grid: nothing for the SQNR loss to tune.
-            input_quantizer = scheme.make_quantizer(8, "activation", per_channel=False)
-            input_quantizer.fixed_range = scheme.input_range
+            input_quantizer = scheme.make_quantizer(8, "activation", per_channel=False,
+                                                    fixed_range=scheme.input_range)
         elif scheme.quantize_input:
             input_bits = scheme.first_last_bits or scheme.activation_bits
             input_quantizer = scheme.make_quantizer(input_bits, "activation", per_channel=False)

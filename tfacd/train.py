@@ -122,11 +122,10 @@ def model_of_run(path: str, config: ExperimentConfig, splits: data_lib.Splits, w
     return model
 
 
-def _normalization_of(path: str) -> str:
-    """The input normalization a run (or checkpoint) was trained with. A bare checkpoint
-    prefix has no config: it is taken to be trained with the dataset's statistics, as every
-    shipped checkpoint is."""
-    saved = _saved_config(path)
+def _normalization_of(saved: ExperimentConfig | None) -> str:
+    """The input normalization a run was trained with, from its saved config. A bare
+    checkpoint prefix has none (`saved` None): it is taken to be trained with the dataset's
+    statistics, as every shipped checkpoint is."""
     return saved.input_normalization if saved is not None else "dataset"
 
 
@@ -151,7 +150,7 @@ def initial_weights(model, config: ExperimentConfig, splits: data_lib.Splits):
     run's own weights without its clips (progressive precision, `tfacd.progressive`). Either
     way the model is then adapted to this run's input normalization (`adapt_input`)."""
     saved = _saved_config(config.init_from)
-    source = _normalization_of(config.init_from)
+    source = _normalization_of(saved)
     if saved is None or saved.mode != "qat":
         load_weights(model, _weights_prefix(config.init_from), "--init_from")
         adapt_input(model, source, config, splits, "--init_from")
@@ -399,7 +398,7 @@ def run(config: ExperimentConfig) -> dict:
                     saved_teacher.input_normalization != config.input_normalization:
                 raise ConfigError(f"--distill_from={teacher_path}: a QAT teacher must use "
                                   f"this run's input_normalization={config.input_normalization}")
-            adapt_input(teacher, _normalization_of(teacher_path), config, splits,
+            adapt_input(teacher, _normalization_of(saved_teacher), config, splits,
                         "--distill_from")
             trainer = tfacd.distill.Distiller(model, teacher, weight=config.distill_weight,
                                               temperature=config.distill_temperature)
