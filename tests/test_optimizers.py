@@ -73,7 +73,9 @@ def _train(x, y, steps, make_optimizers):
     lambda: keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.05, 10)),
     lambda: keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.05, 10),
                                  momentum=0.9, nesterov=True),
-], ids=["adam", "sgd_nesterov"])
+    lambda: keras.optimizers.RMSprop(keras.optimizers.schedules.CosineDecay(0.01, 10),
+                                     momentum=0.5),
+], ids=["adam", "sgd_nesterov", "rmsprop_momentum"])
 def test_clips_train_at_their_own_learning_rate(tiny_data, make_base):
     """Three steps with the clip group equal three steps with a separate optimizer at
     `0.1 * lr(t)` for the clips (same schedule); the weights keep the full rate."""
@@ -101,6 +103,39 @@ def test_clips_train_at_their_own_learning_rate(tiny_data, make_base):
     assert moved >= len(clips) // 2
     assert (sum(np.abs(c - s).sum() for s, c in zip(start, clips))
             < 0.5 * sum(np.abs(f - s).sum() for s, f in zip(start, full_clips)))
+
+
+def test_optimizer_not_linear_in_the_rate_scales_the_update(tiny_data):
+    """Ftrl's update is not linear in its learning rate: the clip group scales the update it
+    computes instead. After one step from the same state, every clip moved `m` times as far
+    as at the full rate, and the weights moved as far."""
+    x, y = tiny_data
+    start = [v.numpy() for v in _clips(_calibrated(x))]
+
+    def step(make_optimizer):
+        return _train(x, y, 1, lambda m, w, c: [(make_optimizer(m), w + c)])
+
+    clips, kernel = step(lambda m: with_clip_learning_rate(keras.optimizers.Ftrl(0.5), m,
+                                                           multiplier=0.25))
+    full_clips, full_kernel = step(lambda m: keras.optimizers.Ftrl(0.5))
+    assert sum(not np.allclose(s, f) for s, f in zip(start, full_clips)) >= len(start) // 2
+    for s, got, full in zip(start, clips, full_clips):
+        np.testing.assert_allclose(got - s, 0.25 * (full - s), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(kernel, full_kernel, rtol=1e-6)
+
+
+def test_decoupled_weight_decay_skips_the_clips(tiny_data):
+    """AdamW's own weight decay shrinks the kernels, never the clips (zero gradients, so only
+    the decay moves anything)."""
+    qat = _calibrated(tiny_data[0])
+    optimizer = with_clip_learning_rate(keras.optimizers.AdamW(0.1, weight_decay=0.5), qat,
+                                        multiplier=1.0)
+    clips, kernel = _clips(qat), _kernel(qat)
+    before_clips, before_kernel = [v.numpy() for v in clips], kernel.numpy()
+    optimizer.apply_gradients([(tf.zeros_like(v), v) for v in qat.trainable_variables])
+    np.testing.assert_allclose(kernel.numpy(), before_kernel * (1 - 0.1 * 0.5), rtol=1e-6)
+    for before, v in zip(before_clips, clips):
+        np.testing.assert_array_equal(v.numpy(), before)
 
 
 def test_multiplier_zero_freezes_the_clips_and_absolute_rate_equals_multiplier(tiny_data):

@@ -13,13 +13,18 @@ state of SGD with (Nesterov) momentum is proportional to it, so every update is 
 the weights' schedule. Give either `multiplier` or the clips' absolute `learning_rate` at
 step 0 (then `m = learning_rate / lr(0)`).
 
-The scaling runs inside the optimizer's traced update, one multiply-add per clip variable, so
-it costs nothing measurable per step (`benchmarks/step_time.py`); a callback that snapshots
-and blends the clips around each step from Python cost a whole float step.
+How: for the optimizers whose update is linear in the learning rate (SGD with or without
+momentum, Adam, AdamW, Adamax, Nadam, Adagrad, Adadelta, RMSprop, Lion) the clips' update
+step reads the learning rate as `m * lr(t)`: one scalar multiply per clip variable, in the
+optimizer's traced step. For any other optimizer (Ftrl, Adafactor) the update is computed at
+`lr(t)` and then scaled, `l <- l_old + m * (l_new - l_old)`: exact for every optimizer but
+five more tensor ops per clip variable, which on a per-channel MobileNetV2 (over 200 clip
+variables) cost about a tenth of a float step on 2 CPU cores (`benchmarks/step_time.py`).
 
 No weight decay reaches the clips: tfacd's models put their L2 decay on kernels only
-(`kernel_regularizer`), and the clips carry no regularizer; ACD (`tfacd.callbacks.ClipDecay`)
-moves clips outside the optimizer and is not scaled.
+(`kernel_regularizer`), the clips carry no regularizer, and an optimizer's own decoupled
+weight decay (AdamW, `weight_decay=`) skips them. ACD (`tfacd.callbacks.ClipDecay`) moves
+clips outside the optimizer and is not scaled.
 
 Why: LSQ's gradient scale `g = 1 / sqrt(N n)` (`tfacd.ops`) sets the clips' step size relative
 to the weights' under SGD, but Adam normalizes every variable's step to about `lr` whatever its
@@ -36,6 +41,14 @@ from tfacd._keras import keras
 from tfacd.quantizers import iter_quantizers
 
 _GROUP_CLASSES: dict[type, type] = {}
+
+# Optimizers whose update of a variable is `lr(t)` times a function of the gradients (their
+# state does not depend on the learning rate, or is proportional to it, as SGD's momentum).
+_LINEAR_IN_LEARNING_RATE = tuple(
+    getattr(keras.optimizers, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "Nadam", "Adagrad", "Adadelta", "RMSprop",
+                 "Lion")
+    if hasattr(keras.optimizers, name))
 
 
 def with_clip_learning_rate(optimizer, model, multiplier: float | None = None,
@@ -91,17 +104,45 @@ def _group_class(base: type) -> type:
     if getattr(base, "_tfacd_clip_group", False):
         return base
 
+    scale_learning_rate = issubclass(base, _LINEAR_IN_LEARNING_RATE)
+    base_learning_rate = base.learning_rate      # the property, found along the MRO
+
     class ClipGroup(base):  # pylint: disable=too-few-public-methods
         _tfacd_clip_group = True
         clip_scale = 1.0
         _clip_keys = frozenset()
+        # True while the update step of a clip variable is traced (Python state: the
+        # update step is traced once per variable).
+        _updating_clip = False
+
+        @property
+        def learning_rate(self):
+            rate = base_learning_rate.fget(self)
+            if self._updating_clip:
+                return rate * self.clip_scale
+            return rate
+
+        @learning_rate.setter
+        def learning_rate(self, value):
+            base_learning_rate.fset(self, value)
 
         def update_step(self, gradient, variable):
             if self.clip_scale == 1.0 or self._var_key(variable) not in self._clip_keys:
                 return super().update_step(gradient, variable)
+            if scale_learning_rate:
+                self._updating_clip = True
+                try:
+                    return super().update_step(gradient, variable)
+                finally:
+                    self._updating_clip = False
             before = tf.identity(variable)
             super().update_step(gradient, variable)
             return variable.assign(before + self.clip_scale * (variable - before))
+
+        def _use_weight_decay(self, variable):
+            if self._var_key(variable) in self._clip_keys:
+                return False
+            return super()._use_weight_decay(variable)
 
         def get_config(self):
             return {**super().get_config(), "clip_scale": self.clip_scale}
