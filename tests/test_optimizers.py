@@ -138,6 +138,25 @@ def test_decoupled_weight_decay_skips_the_clips(tiny_data):
         np.testing.assert_array_equal(v.numpy(), before)
 
 
+def test_frozen_variables_never_move_and_the_rest_train(tiny_data):
+    x, y = tiny_data
+    qat = _calibrated(x)
+    frozen = _clips(qat)[:3] + [_kernel(qat)]
+    before = [v.numpy() for v in qat.trainable_variables]
+    qat.compile(optimizer=tfacd.optimizers.with_frozen_variables(
+        keras.optimizers.AdamW(0.05, weight_decay=0.1), frozen), loss=_LOSS)
+    qat.fit(x, y, batch_size=len(x), epochs=2, verbose=0)
+    frozen_refs = {v.ref() for v in frozen}
+    for start, v in zip(before, qat.trainable_variables):
+        if v.ref() in frozen_refs:
+            np.testing.assert_array_equal(v.numpy(), start)
+    assert sum(not np.array_equal(start, v.numpy())
+               for start, v in zip(before, qat.trainable_variables)
+               if v.ref() not in frozen_refs) >= (len(before) - len(frozen)) // 2
+    with pytest.raises(ValueError, match="no variables"):
+        tfacd.optimizers.with_frozen_variables(keras.optimizers.Adam(), [])
+
+
 def test_multiplier_zero_freezes_the_clips_and_absolute_rate_equals_multiplier(tiny_data):
     x, y = tiny_data
     start = [v.numpy() for v in _clips(_calibrated(x))]

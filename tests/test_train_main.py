@@ -184,6 +184,10 @@ def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
     (["--distill_weight=1.5"], "distill_weight must be in [0, 1]"),
     (["--distill_weight=0.5"], "distill_weight > 0 needs --mode=qat"),
     (["--acd=l2", "--acd_upper_strength=2"], "strengths are fractions per step"),
+    (["--mode=qat", "--init_from=/x", "--portable_in_place"],
+     "portable_in_place needs requantization=portable"),
+    (["--mode=qat", "--init_from=/x", "--portable_in_place", "--requantization=portable",
+      "--bn_reestimate_batches=5"], "set acd=off and bn_reestimate_batches=0"),
 ])
 def test_bad_input_exits_2_with_one_line(folder, tmp_path, args, message):
     args = [a.replace("CONFIG_WITH_TYPO", str(tmp_path / "typo.yaml")) for a in args]
@@ -409,3 +413,48 @@ def test_pixel_grid_qat_from_a_dataset_normalized_float_run(folder, float_run, t
                       f"--init_from={float_run}", f"--distill_from={model_dir}",
                       "--distill_weight=0.5", "--epochs=1", "--steps_per_epoch=1", *TINY)
     assert refused.returncode == 2 and "a QAT teacher must use" in refused.stderr
+
+
+def test_portable_in_place_keeps_the_ratios_portable_while_the_kernels_train(folder, float_run,
+                                                                             tmp_path):
+    """A W2A2 pixel-grid run with 5-bit edges, then a stage trained on it with the portable
+    ratios in place: the stage snaps at its start, trains its kernels, keeps its BatchNorm
+    statistics, and its export finds every ratio already portable (no step moves) and agrees
+    with Keras on XNNPACK and on the builtin kernels. A source of another quantization is
+    refused."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    common = [f"--dataset={folder}", "--mode=qat", "--input_normalization=pixel_grid",
+              "--first_last_bits=5", "--activation_granularity=per_layer",
+              "--requantization=portable", "--weight_bits=2", "--activation_bits=2", *TINY]
+    source = tmp_path / "source"
+    result = run_cli(*common, f"--model_dir={source}", f"--init_from={float_run}",
+                     "--epochs=1", "--steps_per_epoch=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _results(source)["tflite"]["top1_agreement_by_runtime"]["builtin"] == 1.0
+    stage = tmp_path / "stage"
+    result = run_cli(*common, f"--model_dir={stage}", f"--init_from={source}",
+                     "--portable_in_place", "--distill_weight=0.5", "--learning_rate=0.01",
+                     "--optimizer=adam", "--epochs=1", "--steps_per_epoch=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "moved onto portable ratios" in result.stdout
+    results = _results(stage)
+    assert results["portable_start"]["layers"] > 0
+    report = json.loads((stage / "model_report.json").read_text())
+    assert report["portable"]["layers"] == results["portable_start"]["layers"]
+    assert report["portable"]["largest_weight_step_change"] < 1e-5
+    assert results["tflite"]["top1_agreement_by_runtime"] == {"xnnpack": 1.0, "builtin": 1.0}
+
+    before = tf.train.load_checkpoint(str(source / "final" / "weights"))
+    after = tf.train.load_checkpoint(str(stage / "final" / "weights"))
+    names = [n for n in before.get_variable_to_shape_map() if "OPTIMIZER" not in n]
+    moving = [n for n in names if "moving_variance" in n]
+    kernels = [n for n in names if n.endswith("kernel/.ATTRIBUTES/VARIABLE_VALUE")]
+    assert moving and kernels
+    for name in moving:
+        np.testing.assert_array_equal(after.get_tensor(name), before.get_tensor(name))
+    assert any(not np.array_equal(after.get_tensor(n), before.get_tensor(n)) for n in kernels)
+
+    refused = run_cli(*[a for a in common if a != "--weight_bits=2"], "--weight_bits=3",
+                      f"--model_dir={tmp_path / 'bad'}", f"--init_from={source}",
+                      "--portable_in_place", "--epochs=1", "--steps_per_epoch=1")
+    assert refused.returncode == 2 and "weight_bits=2 differs" in refused.stderr

@@ -96,6 +96,12 @@ class ExperimentConfig:
     snap_biases: bool = True             # export: move the model's biases onto the file's grid
     requantization: str = "float"        # export: float (scales as trained, exact on XNNPACK)
                                          # or portable (every runtime alike; tfacd.export.portable)
+    portable_in_place: bool = False      # QAT from a finished QAT run (--init_from) of the same
+                                         # quantization: its steps snapped onto portable
+                                         # ratios at the start, clips, BatchNorm gammas and
+                                         # statistics then held fixed while kernels and biases
+                                         # train (needs requantization=portable, acd=off,
+                                         # bn_reestimate_batches=0)
 
     def validate(self) -> "ExperimentConfig":
         def need(condition, message):
@@ -173,6 +179,17 @@ class ExperimentConfig:
              f"requantization must be one of {REQUANTIZATIONS}, got {self.requantization!r}")
         need(not (self.requantization == "portable" and self.weight_storage == "int4"),
              "requantization=portable needs weight_storage=int8")
+        if self.portable_in_place:
+            need(self.mode == "qat" and not self.tfmot_default and bool(self.init_from),
+                 "portable_in_place needs --mode=qat with tfacd's scheme and --init_from (the "
+                 "finished QAT run to snap and train on)")
+            need(self.requantization == "portable",
+                 "portable_in_place needs requantization=portable (the ratios it keeps are "
+                 "the portable export's)")
+            need(self.acd == "off" and self.bn_reestimate_batches == 0,
+                 "portable_in_place holds the clips and BatchNorm statistics fixed: set "
+                 f"acd=off and bn_reestimate_batches=0 (got acd={self.acd}, "
+                 f"bn_reestimate_batches={self.bn_reestimate_batches})")
         need(self.weight_storage in WEIGHT_STORAGES,
              f"weight_storage must be one of {WEIGHT_STORAGES}, got {self.weight_storage!r}")
         return self

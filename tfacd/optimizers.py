@@ -73,13 +73,7 @@ def with_clip_learning_rate(optimizer, model, multiplier: float | None = None,
         raise ValueError(f"multiplier must be >= 0, got {multiplier!r}")
     if learning_rate is not None and not float(learning_rate) > 0.0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-    if not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise TypeError(f"with_clip_learning_rate needs a keras.optimizers.Optimizer (Adam, "
-                        f"SGD, ...), got {type(optimizer).__name__}; legacy optimizers are not "
-                        f"supported")
-    if int(optimizer.iterations.numpy()) > 0:
-        raise ValueError("with_clip_learning_rate needs an optimizer that has not taken a step "
-                         "yet (its state would be lost in the copy)")
+    _check_unused(optimizer)
     clips = {v.ref(): v for _, _, _, variables in iter_quantizers(model)
              for v in (variables["lower"], variables["upper"])}
     if not clips:
@@ -95,6 +89,31 @@ def with_clip_learning_rate(optimizer, model, multiplier: float | None = None,
     # per-replica component its update step receives.
     grouped._clip_keys = frozenset(grouped._var_key(v) for v in clips.values())  # pylint: disable=protected-access
     return grouped
+
+
+def with_frozen_variables(optimizer, variables):
+    """A copy of `optimizer` (not yet used) that never moves `variables`: their updates are
+    scaled by 0 (the clip group's mechanism with `m = 0`; no weight decay reaches them) while
+    every other variable trains as before. Used to train with portable requantization ratios
+    in place (`tfacd.export.portable.ratio_variables`)."""
+    _check_unused(optimizer)
+    variables = list(variables)
+    if not variables:
+        raise ValueError("with_frozen_variables got no variables to freeze")
+    grouped = _group_class(type(optimizer)).from_config(optimizer.get_config())
+    grouped.clip_scale = 0.0
+    grouped._clip_keys = frozenset(grouped._var_key(v) for v in variables)  # pylint: disable=protected-access
+    return grouped
+
+
+def _check_unused(optimizer):
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise TypeError(f"tfacd's optimizer groups need a keras.optimizers.Optimizer (Adam, "
+                        f"SGD, ...), got {type(optimizer).__name__}; legacy optimizers are not "
+                        f"supported")
+    if int(optimizer.iterations.numpy()) > 0:
+        raise ValueError("tfacd's optimizer groups need an optimizer that has not taken a step "
+                         "yet (its state would be lost in the copy)")
 
 
 def _group_class(base: type) -> type:

@@ -169,6 +169,44 @@ def initial_weights(model, config: ExperimentConfig, splits: data_lib.Splits):
           f"A{config.activation_bits}")
 
 
+# What a QAT run must share with the run it is trained on in place (`--portable_in_place`):
+# the same quantized model, clip for clip.
+_SAME_QUANTIZATION = ("architecture", "width", "num_classes", "weight_bits", "activation_bits",
+                      "granularity", "activation_granularity", "first_last_bits",
+                      "symmetric_weights", "input_normalization")
+
+
+def _check_portable_source(config: ExperimentConfig):
+    """`--portable_in_place` trains on a finished tfacd QAT run of the same quantization."""
+    saved = _saved_config(config.init_from)
+    if saved is None or saved.mode != "qat" or saved.tfmot_default:
+        raise ConfigError(f"--portable_in_place: --init_from={config.init_from} must be a "
+                          "finished tfacd QAT run directory (its results.json names its "
+                          "quantization)")
+    for key in _SAME_QUANTIZATION:
+        if getattr(saved, key) != getattr(config, key):
+            raise ConfigError(f"--portable_in_place: --init_from's {key}="
+                              f"{getattr(saved, key)!r} differs from this run's "
+                              f"{getattr(config, key)!r} (the run is trained on as it is, clips "
+                              "included)")
+
+
+def portable_start(model, config: ExperimentConfig, splits: data_lib.Splits) -> dict:
+    """`--portable_in_place`: loads the QAT run `--init_from` into the QAT `model`, clips
+    included, and moves its weight steps onto portable ratios
+    (`tfacd.export.snap_to_portable`). Returns the plan's summary."""
+    from tfacd import export  # pylint: disable=import-outside-toplevel
+    load_weights(model, _weights_prefix(config.init_from), "--init_from")
+    plan = export.snap_to_portable(model, input_mean=splits.mean, input_std=splits.std,
+                                   activation_policy=config.activation_policy)
+    summary = plan.summary()
+    print(f"--portable_in_place: {summary['layers']} layers of {config.init_from} moved onto "
+          f"portable ratios (largest weight-step change "
+          f"{100 * summary['largest_weight_step_change']:.1f} %); {len(summary['skipped'])} "
+          "skipped; clips, BatchNorm gammas and statistics now fixed")
+    return summary
+
+
 def quantize(config: ExperimentConfig, model):
     """The QAT model for `config`: tfmot's default scheme or tfacd's."""
     if config.tfmot_default:
@@ -309,7 +347,8 @@ def _worker_dir(config: ExperimentConfig, worker_id: int) -> pathlib.Path:
     return path
 
 
-def _optimizer(config: ExperimentConfig, total_steps: int, model):
+def _optimizer(config: ExperimentConfig, total_steps: int, model, frozen=()):
+    """The run's optimizer; `frozen` variables never move (`--portable_in_place`)."""
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate,
                                                       max(total_steps, 1))
     # Low-bit QAT of a deep network can produce rare huge gradients (BatchNorm over channels
@@ -324,6 +363,9 @@ def _optimizer(config: ExperimentConfig, total_steps: int, model):
                                          global_clipnorm=clip)
     if config.mode != "qat" or config.tfmot_default:
         return optimizer
+    if frozen:
+        # The clips are among them: no clip learning rate to set.
+        return tfacd.optimizers.with_frozen_variables(optimizer, frozen)
     # The quantizer parameters' own learning rate, inside the optimizer's update.
     if config.clip_learning_rate:
         return tfacd.optimizers.with_clip_learning_rate(
@@ -346,6 +388,8 @@ def run(config: ExperimentConfig) -> dict:
     if config.init_from:
         _weights_prefix(config.init_from)              # fails now, before data is read
         _check_same_split(config)
+        if config.portable_in_place:
+            _check_portable_source(config)
     teacher_path = None
     if config.distill_weight > 0:
         teacher_path = config.distill_from or _root_float_run(config.init_from)
@@ -376,17 +420,21 @@ def run(config: ExperimentConfig) -> dict:
     if config.steps_per_epoch:
         train_data = train_data.repeat()
 
+    portable = None
     with strategy.scope():
         model = build_float_model(config, splits)
-        if config.init_from:
+        if config.init_from and not config.portable_in_place:
             initial_weights(model, config, splits)
         if config.mode == "qat":
             model = quantize(config, model)
-            if not config.tfmot_default:
+            if config.portable_in_place:
+                portable = portable_start(model, config, splits)
+            elif not config.tfmot_default:
                 with phase(f"calibration of the W{config.weight_bits}A{config.activation_bits}"
                            f" clips on {config.calibration_batches} batches"):
                     tfacd.calibrate(model, train_eval_data, config.calibration_batches)
-        if config.freeze_bn:
+        # With the portable ratios in place the BatchNorm statistics must not move either.
+        if config.freeze_bn or config.portable_in_place:
             freeze_batch_norms(model)
         # What `fit` trains: the model, or a distiller around it (the model is its student).
         trainer = model
@@ -405,7 +453,11 @@ def run(config: ExperimentConfig) -> dict:
             # Built before `fit`, as BackupAndRestore needs to restore the optimizer's state
             # when a run resumes.
             trainer(tf.zeros((1, *splits.image_shape)), training=False)
-        trainer.compile(optimizer=_optimizer(config, steps * config.epochs, trainer),
+        frozen = ()
+        if config.portable_in_place:
+            from tfacd.export import ratio_variables  # pylint: disable=import-outside-toplevel
+            frozen = ratio_variables(model)
+        trainer.compile(optimizer=_optimizer(config, steps * config.epochs, trainer, frozen),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                         metrics=["accuracy"])
 
@@ -454,6 +506,8 @@ def run(config: ExperimentConfig) -> dict:
         results = _evaluate(model, splits, config, quantized)
     epochs_run = len(history.history.get("loss", []))
     epochs = read_epoch_log(model_dir / EPOCH_LOG) if chief else []
+    if portable is not None:
+        results["portable_start"] = portable
     results.update({
         # Across every invocation of a resumed run (train_seconds is this invocation's).
         "epochs": epochs,

@@ -117,6 +117,7 @@ from tfacd.export.bias_snap import snap_biases_to_file
 from tfacd.export.convert import _convert
 from tfacd.export.int4 import pack_int4_weights
 from tfacd.export.portable import apply_portable_scales, check_portable, plan_portable
+from tfacd.export.portable import PortablePlan, ratio_variables  # noqa: F401
 from tfacd.export.report import (_compare, _json_default, _keras_logits, _mean_std, _report,
                                  format_report)
 from tfacd.export.runtime import RUNTIMES, run_tflite, runtime_support
@@ -266,6 +267,21 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
     if verbose:
         print(format_report(report))
     return path
+
+
+def snap_to_portable(qat_model, *, input_mean=None, input_std=None,
+                     activation_policy: str = "float") -> PortablePlan:
+    """Moves `qat_model`'s weight steps onto portable ratios in place, as
+    `export_tflite(..., requantization="portable")` does before it writes the file, and
+    returns the plan (`plan.summary()`: layers reached, the ones skipped and why, the largest
+    step change). For training with the ratios in place: hold `ratio_variables(qat_model)`
+    fixed afterwards (`tfacd.optimizers.with_frozen_variables`) and freeze the BatchNorm
+    statistics, and the export's own plan then finds every ratio where this one put it.
+    Biases are not touched: the export snaps them onto their residue classes."""
+    baked = bake(qat_model, input_mean, input_std, activation_policy, True)
+    plan = plan_portable(qat_model, baked, _convert(baked))
+    apply_portable_scales(qat_model, plan)
+    return plan
 
 
 def export_float_tflite(model, output_path, *, input_mean=None, input_std=None,

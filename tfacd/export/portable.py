@@ -23,6 +23,13 @@ Keras model onto it (the folded BatchNorm's gamma, or the channel's weight clips
 times `r = R_portable / R`), and the bias snap puts the biases on their residue class.
 The Keras model then computes what every runtime computes.
 
+Training with the ratios in place (`train_main.py --portable_in_place`): snap once
+(`tfacd.export.snap_to_portable`), then train with every quantity a ratio depends on held
+fixed (`ratio_variables`: the clips, which set `s_in`, `s_out` and the weight step, and the
+folded BatchNorms' gamma; their moving statistics are frozen with the BatchNorm). The kernels
+and biases keep training, so the network learns around the snapped ratios, and the export's
+plan finds them already portable.
+
 Layers this cannot reach are named in the plan with the reason: 8-bit weights (their
 integers fill int8, so `K = 1`), layers whose input or output is not an int8 tensor (the
 `float` policy's float layers), and per-tensor weights without a BatchNorm to carry a
@@ -171,6 +178,25 @@ def apply_portable_scales(qat_model, plan: PortablePlan):
             value = variables[clip].numpy().astype(np.float64)
             variables[clip].assign(
                 (value * np.reshape(portable.scale, value.shape)).astype(np.float32))
+
+
+def ratio_variables(qat_model) -> list:
+    """The trainable variables the portable ratios `R = s_in s' / s_out` depend on: every
+    tfacd quantizer's clips (activation scales and weight steps) and the gamma of every
+    BatchNorm folded into a weight layer (the folded step `s'`; the moving variance is not
+    trainable). Holding these fixed keeps snapped ratios portable while the kernels and
+    biases train."""
+    from tfacd.quantizers import iter_quantizers  # pylint: disable=import-outside-toplevel
+    found = {}
+    for _, _, _, variables in iter_quantizers(qat_model):
+        for clip in ("lower", "upper"):
+            if variables[clip].trainable:
+                found[variables[clip].ref()] = variables[clip]
+    for bn in _batch_norm_folds(qat_model).values():
+        inner = _inner(bn)
+        if inner.scale:
+            found[inner.gamma.ref()] = inner.gamma
+    return list(found.values())
 
 
 def check_portable(tflite, plan: PortablePlan, qat_model, accumulator_bound: int = 1 << 14):
