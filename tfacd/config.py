@@ -180,9 +180,10 @@ class ExperimentConfig:
         need(not (self.requantization == "portable" and self.weight_storage == "int4"),
              "requantization=portable needs weight_storage=int8")
         if self.portable_in_place:
-            need(self.mode == "qat" and not self.tfmot_default and bool(self.init_from),
-                 "portable_in_place needs --mode=qat with tfacd's scheme and --init_from (the "
-                 "finished QAT run to snap and train on)")
+            # (--init_from, the run it trains on, is checked when the run starts: a plan
+            # names it after the config is read.)
+            need(self.mode == "qat" and not self.tfmot_default,
+                 "portable_in_place needs --mode=qat with tfacd's scheme")
             need(self.requantization == "portable",
                  "portable_in_place needs requantization=portable (the ratios it keeps are "
                  "the portable export's)")
