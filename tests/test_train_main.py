@@ -184,6 +184,7 @@ def test_killed_run_resumes_where_it_stopped(folder, tmp_path):
     (["--distill_weight=1.5"], "distill_weight must be in [0, 1]"),
     (["--distill_weight=0.5"], "distill_weight > 0 needs --mode=qat"),
     (["--acd=l2", "--acd_upper_strength=2"], "strengths are fractions per step"),
+    (["--export_output_type=int16"], "export_output_type must be one of"),
     (["--mode=qat", "--init_from=/x", "--portable_in_place"],
      "portable_in_place needs requantization=portable"),
     (["--mode=qat", "--init_from=/x", "--portable_in_place", "--requantization=portable",
@@ -434,13 +435,15 @@ def test_portable_in_place_keeps_the_ratios_portable_while_the_kernels_train(fol
     stage = tmp_path / "stage"
     result = run_cli(*common, f"--model_dir={stage}", f"--init_from={source}",
                      "--portable_in_place", "--distill_weight=0.5", "--learning_rate=0.01",
-                     "--optimizer=adam", "--epochs=1", "--steps_per_epoch=3")
+                     "--optimizer=adam", "--epochs=1", "--steps_per_epoch=3",
+                     "--export_output_type=int8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "moved onto portable ratios" in result.stdout
     results = _results(stage)
     assert results["portable_start"]["layers"] > 0
     report = json.loads((stage / "model_report.json").read_text())
     assert report["portable"]["layers"] == results["portable_start"]["layers"]
+    assert report["options"]["output_type"] == "int8"
     assert report["portable"]["largest_weight_step_change"] < 1e-5
     assert results["tflite"]["top1_agreement_by_runtime"] == {"xnnpack": 1.0, "builtin": 1.0}
 

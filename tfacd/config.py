@@ -90,6 +90,9 @@ class ExperimentConfig:
     overwrite: bool = False
     export: bool = True                  # write model.tflite (+ report) at the end of a QAT run
     export_input_type: str = "uint8"     # the TFLite file's input: float32, int8 or uint8
+    export_output_type: str = "float32"  # its logits: float32 (a final DEQUANTIZE), int8 or
+                                         # uint8 (with their scale; exact ties stay ties on
+                                         # every runtime: docs/export.md)
     activation_policy: str = "float"     # per-channel activations in TFLite: float, clamp, round
     weight_storage: str = "int8"         # TFLite weights: int8, or int4 (1x1/Dense layers, 2-3
                                          # bit, or 4 bit with symmetric_weights)
@@ -172,6 +175,9 @@ class ExperimentConfig:
         need(self.export_input_type in EXPORT_INPUT_TYPES,
              f"export_input_type must be one of {EXPORT_INPUT_TYPES}, "
              f"got {self.export_input_type!r}")
+        need(self.export_output_type in EXPORT_INPUT_TYPES,
+             f"export_output_type must be one of {EXPORT_INPUT_TYPES}, "
+             f"got {self.export_output_type!r}")
         need(self.activation_policy in ACTIVATION_POLICIES,
              f"activation_policy must be one of {ACTIVATION_POLICIES}, "
              f"got {self.activation_policy!r}")

@@ -551,6 +551,7 @@ def _export(model, config: ExperimentConfig, splits, model_dir: pathlib.Path) ->
     if config.mode == "qat" and not config.tfmot_default:
         export.export_tflite(model, path, input_mean=splits.mean, input_std=splits.std,
                              input_type=config.export_input_type,
+                             output_type=config.export_output_type,
                              activation_policy=config.activation_policy, data=pixels,
                              labels=labels, report_path=report_path,
                              weight_storage=config.weight_storage,
@@ -604,6 +605,7 @@ def export_run(config: ExperimentConfig) -> dict:
     model_dir = pathlib.Path(config.model_dir)
     model, splits, saved = _rebuild(model_dir, "--mode=export")
     saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
+                                export_output_type=config.export_output_type,
                                 activation_policy=config.activation_policy,
                                 weight_storage=config.weight_storage,
                                 snap_biases=config.snap_biases,
