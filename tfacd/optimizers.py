@@ -38,7 +38,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfacd._keras import keras
-from tfacd.quantizers import iter_quantizers
+from tfacd.quantizers import clip_variables
 
 _GROUP_CLASSES: dict[type, type] = {}
 
@@ -74,21 +74,14 @@ def with_clip_learning_rate(optimizer, model, multiplier: float | None = None,
     if learning_rate is not None and not float(learning_rate) > 0.0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
     _check_unused(optimizer)
-    clips = {v.ref(): v for _, _, _, variables in iter_quantizers(model)
-             for v in (variables["lower"], variables["upper"])}
+    clips = clip_variables(model)
     if not clips:
         raise ValueError("with_clip_learning_rate found no tfacd quantizers in the model")
     if learning_rate is not None:
         scale = float(learning_rate) / initial_learning_rate(optimizer)
     else:
         scale = float(multiplier)
-
-    grouped = _group_class(type(optimizer)).from_config(optimizer.get_config())
-    grouped.clip_scale = scale
-    # The optimizer's own variable keys: the same for a distributed variable and the
-    # per-replica component its update step receives.
-    grouped._clip_keys = frozenset(grouped._var_key(v) for v in clips.values())  # pylint: disable=protected-access
-    return grouped
+    return _grouped(optimizer, clips, scale)
 
 
 def with_frozen_variables(optimizer, variables):
@@ -100,8 +93,15 @@ def with_frozen_variables(optimizer, variables):
     variables = list(variables)
     if not variables:
         raise ValueError("with_frozen_variables got no variables to freeze")
+    return _grouped(optimizer, variables, 0.0)
+
+
+def _grouped(optimizer, variables, scale: float):
+    """A copy of `optimizer` whose updates of `variables` are scaled by `scale`."""
     grouped = _group_class(type(optimizer)).from_config(optimizer.get_config())
-    grouped.clip_scale = 0.0
+    grouped.clip_scale = scale
+    # The optimizer's own variable keys: the same for a distributed variable and the
+    # per-replica component its update step receives.
     grouped._clip_keys = frozenset(grouped._var_key(v) for v in variables)  # pylint: disable=protected-access
     return grouped
 

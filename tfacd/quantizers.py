@@ -383,6 +383,16 @@ def iter_quantizers(model):
                 yield layer, "input", layer.quantizer, layer.quantizer_vars
 
 
+def clip_variables(model) -> list:
+    """The `lower` and `upper` clip variables of every tfacd quantizer in `model`
+    (`iter_quantizers`), each once: quantizers can share theirs."""
+    found = {}
+    for _, _, _, variables in iter_quantizers(model):
+        for clip in (variables["lower"], variables["upper"]):
+            found[clip.ref()] = clip
+    return list(found.values())
+
+
 def list_quantizers(model) -> list[QuantizerInfo]:
     """Every tfacd quantizer in `model` with its layer, kind, granularity, bits and clips.
 

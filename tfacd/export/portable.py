@@ -48,6 +48,7 @@ from tfacd.export.flatbuffer import (_flatbuffer, _layer_for_tensor, _schema, _t
                                      _weight_op_entries)
 from tfacd.export.requantization import requantize_fixed_point, requantize_float
 from tfacd.export.weights import _batch_norm_folds, _inner, _weight_quantizers
+from tfacd.quantizers import clip_variables
 
 # (t, q): the multiplier's mantissa q / 2^t, q odd in [2^(t-1), 2^t).
 _FAMILIES = tuple((t, q) for t in range(1, 5) for q in range(2 ** (t - 1) | 1, 2 ** t, 2))
@@ -186,12 +187,8 @@ def ratio_variables(qat_model) -> list:
     BatchNorm folded into a weight layer (the folded step `s'`; the moving variance is not
     trainable). Holding these fixed keeps snapped ratios portable while the kernels and
     biases train."""
-    from tfacd.quantizers import iter_quantizers  # pylint: disable=import-outside-toplevel
-    found = {}
-    for _, _, _, variables in iter_quantizers(qat_model):
-        for clip in ("lower", "upper"):
-            if variables[clip].trainable:
-                found[variables[clip].ref()] = variables[clip]
+    # A fixed-range quantizer's clips (the pixel-grid input) are not trainable: nothing to hold.
+    found = {v.ref(): v for v in clip_variables(qat_model) if v.trainable}
     for bn in _batch_norm_folds(qat_model).values():
         inner = _inner(bn)
         if inner.scale:
