@@ -19,7 +19,7 @@ step reads the learning rate as `m * lr(t)`: one scalar multiply per clip variab
 optimizer's traced step. For any other optimizer (Ftrl, Adafactor) the update is computed at
 `lr(t)` and then scaled, `l <- l_old + m * (l_new - l_old)`: exact for every optimizer but
 five more tensor ops per clip variable, which on a per-channel MobileNetV2 (over 200 clip
-variables) cost about a tenth of a float step on 2 CPU cores (`benchmarks/step_time.py`).
+variables) cost 0.15-0.36x a float step on 2 CPU cores (docs/benchmarks.md).
 
 No weight decay reaches the clips: tfacd's models put their L2 decay on kernels only
 (`kernel_regularizer`), the clips carry no regularizer, and an optimizer's own decoupled
