@@ -225,3 +225,24 @@ def test_plots_find_a_variant_under_its_recipe_plan_name(tmp_path, capsys):
     found = plots.load_results(tmp_path, plots.W2A2_VARIANTS)
     assert found == {"per-channel + ACD decay": {"val_accuracy": 0.5}}
     assert "c10_w2a2_pl_s0" in capsys.readouterr().err
+
+
+def test_first_divergence_finds_where_runtimes_part_and_names_bad_input():
+    # The shipped `float`-policy W2A2 file on 2 sample images: XNNPACK and the builtin
+    # kernels part at the int8 input's DEQUANTIZE (an ulp) and in the stem convolution.
+    result = run_script("diagnostics/first_divergence.py",
+                        "--tflite=results/c10_w2a2_pc_acd_sqnr_s0/model.tflite",
+                        "--data=tfacd/samples/cifar10", "--count=2", "--ops=3", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("op ")]
+    assert len(lines) == 3
+    assert any("DEQUANTIZE" in line for line in lines)
+    # The per-tensor int8 file with portable requantization computes alike on both.
+    same = run_script("diagnostics/first_divergence.py",
+                      "--tflite=results/c10_w2a2_micro_portable/model.tflite",
+                      "--data=tfacd/samples/cifar10", "--count=2", timeout=600)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "compute every op's output alike" in same.stdout
+    missing = run_script("diagnostics/first_divergence.py", "--tflite=nowhere.tflite",
+                         "--data=tfacd/samples/cifar10")
+    assert missing.returncode == 2 and "no TFLite file" in missing.stderr
