@@ -97,3 +97,30 @@ def test_portable_refuses_int4_storage(tmp_path):
     with pytest.raises(export.ExportError, match="requantization must be one of"):
         export.export_tflite(model, tmp_path / "m.tflite", input_mean=MEAN, input_std=STD,
                              verbose=False, requantization="exact")
+
+
+def test_whole_grid_spreads_leave_room_for_every_integer_the_grid_holds():
+    # The depthwise layer's first channel holds only zeros, its second only the grid's
+    # middle: spreads chosen for the kernel's own integers leave no room for the integers
+    # training may move those weights to; `whole_grid` (what --portable_in_place snaps with)
+    # does, so the export's plan keeps every ratio.
+    from tfacd.export.bake import bake
+    from tfacd.export.convert import _convert
+    from tfacd.export.portable import plan_portable
+    from tfacd.export.weights import _weight_quantizers, grid_reach
+    model = _quantized_tiny(2, "per_channel", trained_like=True,
+                            activation_granularity="per_layer")
+    layer = model.get_layer("quant_dw")
+    kernel = _weight_quantizers(layer)["depthwise_kernel"][0]
+    values = kernel.numpy()
+    values[..., 0, 0] = 0.0
+    kernel.assign(values)
+    reach = grid_reach(layer)
+    assert reach.shape == (8,) and set(reach.tolist()) <= {2, 3}      # 2 bits: [-z, 3 - z]
+    baked = bake(model, MEAN, STD, "float", True)
+    content = _convert(baked)
+    own = plan_portable(model, baked, content).layers["quant_dw"]
+    whole = plan_portable(model, baked, content, whole_grid=True).layers["quant_dw"]
+    assert own.spread[0] * reach[0] > 127              # fits the zeros only
+    assert np.all(whole.spread * reach <= 127)
+    assert np.all(whole.spread % whole.modulus == 0)

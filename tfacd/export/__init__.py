@@ -279,7 +279,9 @@ def snap_to_portable(qat_model, *, input_mean=None, input_std=None,
     statistics, and the export's own plan then finds every ratio where this one put it.
     Biases are not touched: the export snaps them onto their residue classes."""
     baked = bake(qat_model, input_mean, input_std, activation_policy, True)
-    plan = plan_portable(qat_model, baked, _convert(baked))
+    # Spreads for every integer each channel's grid holds: training moves weights onto
+    # integers a channel does not use yet, and the export must find the ratio still portable.
+    plan = plan_portable(qat_model, baked, _convert(baked), whole_grid=True)
     apply_portable_scales(qat_model, plan)
     return plan
 

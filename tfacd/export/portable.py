@@ -47,7 +47,7 @@ from tfacd.export._common import ExportError, _INT8_MAX, _content
 from tfacd.export.flatbuffer import (_flatbuffer, _layer_for_tensor, _schema, _tensor_name,
                                      _weight_op_entries)
 from tfacd.export.requantization import requantize_fixed_point, requantize_float
-from tfacd.export.weights import _batch_norm_folds, _inner, _weight_quantizers
+from tfacd.export.weights import _batch_norm_folds, _inner, _weight_quantizers, grid_reach
 from tfacd.quantizers import clip_variables
 
 # (t, q): the multiplier's mantissa q / 2^t, q odd in [2^(t-1), 2^t).
@@ -99,9 +99,15 @@ def _choose(ratio: float, largest: int) -> tuple[float, int, int, int]:
     return value, spread, t, p
 
 
-def plan_portable(qat_model, baked, tflite) -> PortablePlan:
+def plan_portable(qat_model, baked, tflite, whole_grid: bool = False) -> PortablePlan:
     """Per weight layer of the file `tflite` (the model's export, `baked` its bake), the
-    portable ratio of every output channel (module docstring)."""
+    portable ratio of every output channel (module docstring).
+
+    `whole_grid`: choose each channel's spread for every integer its weight grid holds
+    (`grid_reach`), not only the ones its kernel holds now. For training with the ratios in
+    place: a weight that moves to an integer the channel did not use yet then still fits
+    the spread, and the export's plan keeps the ratio (with the kernel's own integers, a
+    channel whose largest integer grew had to take another ratio at export)."""
     model = _flatbuffer(_content(tflite))
     types = _schema().TensorType
     names = [layer.name for layer in qat_model.layers]
@@ -123,11 +129,13 @@ def plan_portable(qat_model, baked, tflite) -> PortablePlan:
         spread = weights.spread.astype(np.int64)
         folded_step = weights.step.astype(np.float64) * spread
         largest = np.abs(weights.integers.reshape(-1, channels)).max(axis=0) // spread
+        layer = qat_model.get_layer(name)
+        if whole_grid:
+            largest = np.maximum(largest, grid_reach(layer))
         if largest.max() * 4 > _INT8_MAX:
             skipped[name] = (f"{weights.bits}-bit weights fill int8 (integers up to "
                              f"{int(largest.max())}), no room for a spread")
             continue
-        layer = qat_model.get_layer(name)
         quantizer = _weight_quantizers(layer).get(
             "depthwise_kernel" if type(_inner(layer)).__name__ == "DepthwiseConv2D"
             else "kernel", (None, None, None))[1]

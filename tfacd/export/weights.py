@@ -216,6 +216,33 @@ def _bake_weights(layer, bn_layer, quantized: bool, weight_storage: str = "int8"
                         storage=storage)
 
 
+def grid_reach(layer) -> np.ndarray:
+    """Per output channel of weight layer `layer`, the largest `|m|` its weight grid holds:
+    `max(z, n - z)` for the integers `[-z, n - z]` (127 on the 8-bit symmetric grid),
+    whatever the kernel holds now. None for unquantized weights."""
+    inner = _inner(layer)
+    kind = type(inner).__name__
+    attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
+    entry = _weight_quantizers(layer).get(attribute)
+    if entry is None:
+        return None
+    kernel, quantizer, variables = entry
+    lower, upper = effective_clips(quantizer, variables)
+    if quantizer.symmetric_step:
+        reach = np.full(np.shape(lower), float(ops.symmetric_limit(quantizer.num_bits)))
+    else:
+        step = np.asarray(ops.grid_step(lower, upper, quantizer.num_bits), np.float64)
+        zero_point = np.round(-np.asarray(lower, np.float64) / step)
+        reach = np.maximum(zero_point, ops.num_levels(quantizer.num_bits) - zero_point)
+    shape = [1] * len(kernel.shape)
+    if quantizer.per_channel:
+        shape[quantizer.axis % len(kernel.shape)] = -1
+    reach = np.broadcast_to(np.reshape(reach, shape), kernel.shape)
+    out_channels = kernel.shape[2] * kernel.shape[3] if kind == "DepthwiseConv2D" \
+        else kernel.shape[-1]
+    return reach.reshape(-1, out_channels).max(axis=0).astype(np.int64)
+
+
 def _weight_tensor(baked: BakedWeights):
     """The kernel as the graph sees it: an 8-bit symmetric per-channel fake quant that puts
     exactly `integers` into TFLite's int8 weights (last axis = output channel)."""
