@@ -64,12 +64,15 @@ def test_portable_file_computes_the_keras_model_on_every_runtime(
     assert all(layer["float_differs"] == 0 for layer in checked), checked
 
 
-def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path):
+@pytest.mark.parametrize("bits, symmetric", [(2, False), (4, True)])
+def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path, bits, symmetric):
     # The input on the pixel grid needs no searched normalization, and 5-bit first and last
     # weight layers leave room for the spread: nothing is left that a runtime computes
-    # differently.
-    model = _quantized_tiny(2, "per_channel", first_last_bits=5, trained_like=True,
-                            activation_granularity="per_layer", pixel_grid=True)
+    # differently. At 4 bits the weights are on the symmetric grid [-7, 7]
+    # (configs/cifar10_w4a4_micro.yaml).
+    model = _quantized_tiny(bits, "per_channel", first_last_bits=5, trained_like=True,
+                            activation_granularity="per_layer", pixel_grid=True,
+                            symmetric_weights=symmetric)
     path = tmp_path / "w2a2.tflite"
     pixels = _pixels(200)
     export.export_tflite(model, path, input_mean=PIXEL_GRID[0], input_std=PIXEL_GRID[1],
