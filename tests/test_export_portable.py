@@ -102,11 +102,10 @@ def test_portable_refuses_int4_storage(tmp_path):
                              verbose=False, requantization="exact")
 
 
-def test_whole_grid_spreads_leave_room_for_every_integer_the_grid_holds():
-    # The depthwise layer's first channel holds only zeros, its second only the grid's
-    # middle: spreads chosen for the kernel's own integers leave no room for the integers
-    # training may move those weights to; `whole_grid` (what --portable_in_place snaps with)
-    # does, so the export's plan keeps every ratio.
+def test_spreads_leave_room_for_every_integer_the_grid_holds():
+    # The depthwise layer's first channel holds only zeros: a spread chosen for the kernel's
+    # own integers would leave no room for the integers training may move those weights to
+    # (--portable_in_place), and the export would have to choose another ratio.
     from tfacd.export.bake import bake
     from tfacd.export.convert import _convert
     from tfacd.export.portable import plan_portable
@@ -121,9 +120,7 @@ def test_whole_grid_spreads_leave_room_for_every_integer_the_grid_holds():
     reach = grid_reach(layer)
     assert reach.shape == (8,) and set(reach.tolist()) <= {2, 3}      # 2 bits: [-z, 3 - z]
     baked = bake(model, MEAN, STD, "float", True)
-    content = _convert(baked)
-    own = plan_portable(model, baked, content).layers["quant_dw"]
-    whole = plan_portable(model, baked, content, whole_grid=True).layers["quant_dw"]
-    assert own.spread[0] * reach[0] > 127              # fits the zeros only
-    assert np.all(whole.spread * reach <= 127)
-    assert np.all(whole.spread % whole.modulus == 0)
+    assert np.all(baked.weights["quant_dw"].integers[..., 0] == 0)
+    plan = plan_portable(model, baked, _convert(baked)).layers["quant_dw"]
+    assert np.all(plan.spread * reach <= 127)
+    assert np.all(plan.spread % plan.modulus == 0)

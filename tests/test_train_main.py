@@ -445,6 +445,13 @@ def test_portable_in_place_keeps_the_ratios_portable_while_the_kernels_train(fol
     assert report["portable"]["layers"] == results["portable_start"]["layers"]
     assert report["options"]["output_type"] == "int8"
     assert report["portable"]["largest_weight_step_change"] < 1e-5
+    # The biases were snapped onto their residue classes at the start and held: the export
+    # moved nothing, and the file computes the model as it came out of training.
+    # (float32 betas sit within a few thousandths of a unit of their integers; 15 units
+    # when the betas train)
+    assert report["portable"]["largest_bias_change_in_units"] < 0.01
+    assert report["fidelity_before_portable"]["top1_agreement"] == 1.0
+    assert report["fidelity_before_portable"]["max_logit_difference"] < 1e-6
     assert results["tflite"]["top1_agreement_by_runtime"] == {"xnnpack": 1.0, "builtin": 1.0}
 
     before = tf.train.load_checkpoint(str(source / "final" / "weights"))

@@ -193,8 +193,8 @@ def _check_portable_source(config: ExperimentConfig):
 
 def portable_start(model, config: ExperimentConfig, splits: data_lib.Splits) -> dict:
     """`--portable_in_place`: loads the QAT run `--init_from` into the QAT `model`, clips
-    included, and moves its weight steps onto portable ratios
-    (`tfacd.export.snap_to_portable`). Returns the plan's summary."""
+    included, and moves its weight steps onto portable ratios and its biases onto their
+    residue classes (`tfacd.export.snap_to_portable`). Returns the plan's summary."""
     from tfacd import export  # pylint: disable=import-outside-toplevel
     load_weights(model, _weights_prefix(config.init_from), "--init_from")
     plan = export.snap_to_portable(model, input_mean=splits.mean, input_std=splits.std,
@@ -455,8 +455,9 @@ def run(config: ExperimentConfig) -> dict:
             trainer(tf.zeros((1, *splits.image_shape)), training=False)
         frozen = ()
         if config.portable_in_place:
-            from tfacd.export import ratio_variables  # pylint: disable=import-outside-toplevel
-            frozen = ratio_variables(model)
+            # pylint: disable-next=import-outside-toplevel
+            from tfacd.export import bias_variables, ratio_variables
+            frozen = ratio_variables(model) + bias_variables(model)
         trainer.compile(optimizer=_optimizer(config, steps * config.epochs, trainer, frozen),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                         metrics=["accuracy"])

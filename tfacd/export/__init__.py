@@ -117,7 +117,7 @@ from tfacd.export.bias_snap import snap_biases_to_file
 from tfacd.export.convert import _convert
 from tfacd.export.int4 import pack_int4_weights
 from tfacd.export.portable import apply_portable_scales, check_portable, plan_portable
-from tfacd.export.portable import PortablePlan, ratio_variables  # noqa: F401
+from tfacd.export.portable import PortablePlan, bias_variables, ratio_variables  # noqa: F401
 from tfacd.export.report import (_compare, _json_default, _keras_logits, _mean_std, _report,
                                  format_report)
 from tfacd.export.runtime import RUNTIMES, run_tflite, runtime_support
@@ -206,7 +206,7 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
         apply_portable_scales(qat_model, portable)
         spreads = {name: layer.spread for name, layer in portable.layers.items()}
         # Once to read the new bias grids, once more to store the biases moved onto them.
-        snap_biases_to_file(qat_model, bake_and_convert(spreads)[1], residues={
+        bias_moves = snap_biases_to_file(qat_model, bake_and_convert(spreads)[1], residues={
             name: (layer.modulus, layer.residue) for name, layer in portable.layers.items()})
         baked, content = bake_and_convert(spreads)
         check_portable(content, portable, qat_model)
@@ -228,6 +228,10 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
     report["runtimes"] = runtime_support(content)
     if portable is not None:
         report["portable"] = portable.summary()
+        # How far the residue snap moved a bias, in units of its layer's int32 bias grid:
+        # 0 after training with the biases in place (--portable_in_place).
+        report["portable"]["largest_bias_change_in_units"] = max(
+            (bias_moves[name] for name in portable.layers), default=0.0)
     unsupported = {r: v["why"] for r, v in report["runtimes"].items() if not v["runs"]}
     required = [r for r in require_runtimes if r in unsupported]
     if required:
@@ -271,18 +275,22 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
 
 def snap_to_portable(qat_model, *, input_mean=None, input_std=None,
                      activation_policy: str = "float") -> PortablePlan:
-    """Moves `qat_model`'s weight steps onto portable ratios in place, as
-    `export_tflite(..., requantization="portable")` does before it writes the file, and
-    returns the plan (`plan.summary()`: layers reached, the ones skipped and why, the largest
-    step change). For training with the ratios in place: hold `ratio_variables(qat_model)`
-    fixed afterwards (`tfacd.optimizers.with_frozen_variables`) and freeze the BatchNorm
-    statistics, and the export's own plan then finds every ratio where this one put it.
-    Biases are not touched: the export snaps them onto their residue classes."""
+    """Moves `qat_model` onto portable requantization in place, as
+    `export_tflite(..., requantization="portable")` does before it writes the file: the
+    weight steps onto portable ratios and the biases onto their residue classes. Returns the
+    plan (`plan.summary()`: layers reached, the ones skipped and why, the largest step
+    change). For training with both in place: hold `ratio_variables(qat_model)` and
+    `bias_variables(qat_model)` fixed afterwards (`tfacd.optimizers.with_frozen_variables`)
+    and freeze the BatchNorm statistics; the export's plan then finds every ratio and bias
+    where these put them, and moves nothing."""
     baked = bake(qat_model, input_mean, input_std, activation_policy, True)
-    # Spreads for every integer each channel's grid holds: training moves weights onto
-    # integers a channel does not use yet, and the export must find the ratio still portable.
-    plan = plan_portable(qat_model, baked, _convert(baked), whole_grid=True)
+    plan = plan_portable(qat_model, baked, _convert(baked))
     apply_portable_scales(qat_model, plan)
+    spreads = {name: layer.spread for name, layer in plan.layers.items()}
+    snap_biases_to_file(
+        qat_model, _convert(bake(qat_model, input_mean, input_std, activation_policy, True,
+                                 spreads=spreads)),
+        residues={name: (layer.modulus, layer.residue) for name, layer in plan.layers.items()})
     return plan
 
 

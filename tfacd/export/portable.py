@@ -99,15 +99,15 @@ def _choose(ratio: float, largest: int) -> tuple[float, int, int, int]:
     return value, spread, t, p
 
 
-def plan_portable(qat_model, baked, tflite, whole_grid: bool = False) -> PortablePlan:
+def plan_portable(qat_model, baked, tflite) -> PortablePlan:
     """Per weight layer of the file `tflite` (the model's export, `baked` its bake), the
     portable ratio of every output channel (module docstring).
 
-    `whole_grid`: choose each channel's spread for every integer its weight grid holds
-    (`grid_reach`), not only the ones its kernel holds now. For training with the ratios in
-    place: a weight that moves to an integer the channel did not use yet then still fits
-    the spread, and the export's plan keeps the ratio (with the kernel's own integers, a
-    channel whose largest integer grew had to take another ratio at export)."""
+    Each channel's spread is chosen for every integer its weight grid holds (`grid_reach`),
+    not only the ones its kernel holds now: after training with the ratios in place (where
+    weights move onto integers a channel did not use yet) the export then finds the same
+    ratio, spread and bias residue class that the snap at the start chose.
+    """
     model = _flatbuffer(_content(tflite))
     types = _schema().TensorType
     names = [layer.name for layer in qat_model.layers]
@@ -130,8 +130,7 @@ def plan_portable(qat_model, baked, tflite, whole_grid: bool = False) -> Portabl
         folded_step = weights.step.astype(np.float64) * spread
         largest = np.abs(weights.integers.reshape(-1, channels)).max(axis=0) // spread
         layer = qat_model.get_layer(name)
-        if whole_grid:
-            largest = np.maximum(largest, grid_reach(layer))
+        largest = np.maximum(largest, grid_reach(layer))
         if largest.max() * 4 > _INT8_MAX:
             skipped[name] = (f"{weights.bits}-bit weights fill int8 (integers up to "
                              f"{int(largest.max())}), no room for a spread")
@@ -187,6 +186,26 @@ def apply_portable_scales(qat_model, plan: PortablePlan):
             value = variables[clip].numpy().astype(np.float64)
             variables[clip].assign(
                 (value * np.reshape(portable.scale, value.shape)).astype(np.float32))
+
+
+def bias_variables(qat_model) -> list:
+    """The trainable variables a weight layer's (folded) bias depends on, for every weight
+    layer: the beta of the BatchNorm folded into it, and its own bias. Snapped onto their
+    portable residue classes at the start of a stage with the ratios in place and then held
+    fixed, the export's bias snap moves none of them (moving them there at export changed
+    21 % of a trained W2A2 model's predictions, docs/export.md)."""
+    found = {}
+    folds = _batch_norm_folds(qat_model)
+    for layer in qat_model.layers:
+        inner = _inner(layer)
+        if type(inner).__name__ not in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            continue
+        if inner.use_bias and inner.bias.trainable:
+            found[inner.bias.ref()] = inner.bias
+        bn = folds.get(layer.name)
+        if bn is not None and _inner(bn).center and _inner(bn).beta.trainable:
+            found[_inner(bn).beta.ref()] = _inner(bn).beta
+    return list(found.values())
 
 
 def ratio_variables(qat_model) -> list:
