@@ -24,11 +24,15 @@ times `r = R_portable / R`), and the bias snap puts the biases on their residue 
 The Keras model then computes what every runtime computes.
 
 Training with the ratios in place (`train_main.py --portable_in_place`): snap once
-(`tfacd.export.snap_to_portable`), then train with every quantity a ratio depends on held
-fixed (`ratio_variables`: the clips, which set `s_in`, `s_out` and the weight step, and the
-folded BatchNorms' gamma; their moving statistics are frozen with the BatchNorm). The kernels
-and biases keep training, so the network learns around the snapped ratios, and the export's
-plan finds them already portable.
+(`tfacd.export.snap_to_portable`: the ratios, then the biases onto their residue classes),
+then train with every quantity a ratio or a bias class depends on held fixed
+(`ratio_variables`: the clips, which set `s_in`, `s_out` and the weight step, and the folded
+BatchNorms' gamma; `bias_variables`: the BatchNorms' beta and the layers' own biases; the
+moving statistics are frozen with the BatchNorm). The kernels keep training, so the network
+learns around the snapped ratios and biases, and the export's plan finds them in place.
+Spreads are chosen for every integer a channel's grid holds (`grid_reach`), so a weight
+that trains onto an integer its channel did not use yet keeps the channel's spread, ratio
+and bias class.
 
 Layers this cannot reach are named in the plan with the reason: 8-bit weights (their
 integers fill int8, so `K = 1`), layers whose input or output is not an int8 tensor (the
