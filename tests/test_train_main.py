@@ -464,6 +464,22 @@ def test_portable_in_place_keeps_the_ratios_portable_while_the_kernels_train(fol
         np.testing.assert_array_equal(after.get_tensor(name), before.get_tensor(name))
     assert any(not np.array_equal(after.get_tensor(n), before.get_tensor(n)) for n in kernels)
 
+    # --mode=export on the run remakes its file as trained (portable, int8 logits) unless a
+    # flag says otherwise.
+    (stage / "model.tflite").unlink()
+    exported = run_cli(f"--model_dir={stage}", "--mode=export")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    again = json.loads((stage / "model_report.json").read_text())
+    assert again["options"]["requantization"] == "portable"
+    assert again["options"]["output_type"] == "int8"
+    assert again["portable"]["largest_weight_step_change"] < 1e-5
+    assert _results(stage)["tflite"]["top1_agreement_by_runtime"] == {"xnnpack": 1.0,
+                                                                       "builtin": 1.0}
+    float_export = run_cli(f"--model_dir={stage}", "--mode=export", "--requantization=float")
+    assert float_export.returncode == 0, float_export.stderr[-3000:]
+    assert json.loads((stage / "model_report.json").read_text())["options"][
+        "requantization"] == "float"
+
     refused = run_cli(*[a for a in common if a != "--weight_bits=2"], "--weight_bits=3",
                       f"--model_dir={tmp_path / 'bad'}", f"--init_from={source}",
                       "--portable_in_place", "--epochs=1", "--steps_per_epoch=1")

@@ -33,8 +33,23 @@ def build_config(default_yaml: str | None = None) -> config_lib.ExperimentConfig
     given on the command line applied, validated."""
     path = FLAGS.config or default_yaml
     base = config_lib.load_yaml(path) if path else config_lib.ExperimentConfig()
+    if FLAGS["mode"].present and FLAGS.mode == "export" and FLAGS["model_dir"].present \
+            and not FLAGS.config:
+        base = _exported_as(FLAGS.model_dir, base)
     overrides = {name: FLAGS[name].value for name in config_lib.FIELDS if FLAGS[name].present}
     return config_lib.from_dict(overrides, base).validate()
+
+
+def _exported_as(model_dir: str, base):
+    """`base` with the run's own export settings (`EXPORT_FIELDS`), so that `--mode=export`
+    on a run remakes its file as trained (a portable run stays portable) unless flags say
+    otherwise."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from tfacd import train  # pylint: disable=import-outside-toplevel
+    saved = train._saved_config(model_dir)  # pylint: disable=protected-access
+    if saved is None:
+        return base              # export_run names the missing results.json
+    return dataclasses.replace(base, **{k: getattr(saved, k) for k in config_lib.EXPORT_FIELDS})
 
 
 def guarded(work):

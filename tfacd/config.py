@@ -19,6 +19,11 @@ GRANULARITIES = ("per_layer", "per_channel")
 ACD_CHOICES = ("off", "decay", "pull", "l2")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 EXPORT_INPUT_TYPES = ("float32", "int8", "uint8")
+
+#: How a run's TFLite file is made: `--mode=export` on a run takes these from the run's own
+#: config unless they are given on the command line.
+EXPORT_FIELDS = ("export_input_type", "export_output_type", "activation_policy",
+                 "weight_storage", "snap_biases", "requantization")
 ACTIVATION_POLICIES = ("clamp", "round", "float")  # tfacd.export.ACTIVATION_POLICIES
 WEIGHT_STORAGES = ("int8", "int4")             # tfacd.export.WEIGHT_STORAGES
 REQUANTIZATIONS = ("float", "portable")        # tfacd.export.REQUANTIZATIONS

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tfacd
 from tfacd import data as data_lib
 from tfacd._keras import keras
-from tfacd.config import ConfigError, ExperimentConfig
+from tfacd.config import EXPORT_FIELDS, ConfigError, ExperimentConfig
 from tfacd.scheme import _BATCH_NORMS
 
 RESULTS = "results.json"
@@ -203,7 +203,8 @@ def portable_start(model, config: ExperimentConfig, splits: data_lib.Splits) -> 
     print(f"--portable_in_place: {summary['layers']} layers of {config.init_from} moved onto "
           f"portable ratios (largest weight-step change "
           f"{100 * summary['largest_weight_step_change']:.1f} %); {len(summary['skipped'])} "
-          "skipped; clips, BatchNorm gammas and statistics now fixed")
+          "skipped; biases on their residue classes; clips, BatchNorm gammas, betas and "
+          "statistics now fixed")
     return summary
 
 
@@ -605,12 +606,9 @@ def export_run(config: ExperimentConfig) -> dict:
     report there (and the summary into results.json)."""
     model_dir = pathlib.Path(config.model_dir)
     model, splits, saved = _rebuild(model_dir, "--mode=export")
-    saved = dataclasses.replace(saved, export_input_type=config.export_input_type,
-                                export_output_type=config.export_output_type,
-                                activation_policy=config.activation_policy,
-                                weight_storage=config.weight_storage,
-                                snap_biases=config.snap_biases,
-                                requantization=config.requantization)
+    # From the command line (`tfacd.cli` fills in the run's own where no flag is given).
+    saved = dataclasses.replace(saved, **{k: getattr(config, k)
+                                          for k in EXPORT_FIELDS})
     summary = _export(model, saved, splits, model_dir)
     results_path = model_dir / RESULTS
     results = json.loads(results_path.read_text())
