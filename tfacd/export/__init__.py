@@ -202,13 +202,9 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
     if requantization == "portable":
         if data is not None:
             keras_before = _keras_logits(qat_model, data, input_mean, input_std)
-        portable = plan_portable(qat_model, baked, content)
-        apply_portable_scales(qat_model, portable)
-        spreads = {name: layer.spread for name, layer in portable.layers.items()}
-        # Once to read the new bias grids, once more to store the biases moved onto them.
-        bias_moves = snap_biases_to_file(qat_model, bake_and_convert(spreads)[1], residues={
-            name: (layer.modulus, layer.residue) for name, layer in portable.layers.items()})
-        baked, content = bake_and_convert(spreads)
+        portable, spreads, bias_moves = _onto_portable(
+            qat_model, baked, content, lambda spreads: bake_and_convert(spreads)[1])
+        baked, content = bake_and_convert(spreads)          # with the biases moved
         check_portable(content, portable, qat_model)
     if weight_storage == "int4":
         content, packed = pack_int4_weights(content)
@@ -283,15 +279,26 @@ def snap_to_portable(qat_model, *, input_mean=None, input_std=None,
     `bias_variables(qat_model)` fixed afterwards (`tfacd.optimizers.with_frozen_variables`)
     and freeze the BatchNorm statistics; the export's plan then finds every ratio and bias
     where these put them, and moves nothing."""
+    def convert(spreads=None):
+        return _convert(bake(qat_model, input_mean, input_std, activation_policy, True,
+                             spreads=spreads))
+
     baked = bake(qat_model, input_mean, input_std, activation_policy, True)
-    plan = plan_portable(qat_model, baked, _convert(baked))
+    return _onto_portable(qat_model, baked, _convert(baked), convert)[0]
+
+
+def _onto_portable(qat_model, baked, content, convert):
+    """Moves `qat_model` (whose bake `baked` converted to `content`) onto portable
+    requantization: its weight steps onto the plan's ratios, then its biases onto their
+    residue classes of the bias grids the new steps and spreads give (read from
+    `convert(spreads)`, the model's file with those spreads). Returns `(plan, spreads,
+    {layer: largest bias move in int32 units})`."""
+    plan = plan_portable(qat_model, baked, content)
     apply_portable_scales(qat_model, plan)
     spreads = {name: layer.spread for name, layer in plan.layers.items()}
-    snap_biases_to_file(
-        qat_model, _convert(bake(qat_model, input_mean, input_std, activation_policy, True,
-                                 spreads=spreads)),
-        residues={name: (layer.modulus, layer.residue) for name, layer in plan.layers.items()})
-    return plan
+    moves = snap_biases_to_file(qat_model, convert(spreads), residues={
+        name: (layer.modulus, layer.residue) for name, layer in plan.layers.items()})
+    return plan, spreads, moves
 
 
 def export_float_tflite(model, output_path, *, input_mean=None, input_std=None,
