@@ -51,7 +51,8 @@ from tfacd.export._common import ExportError, _INT8_MAX, _content
 from tfacd.export.flatbuffer import (_flatbuffer, _layer_for_tensor, _schema, _tensor_name,
                                      _weight_op_entries)
 from tfacd.export.requantization import requantize_fixed_point, requantize_float
-from tfacd.export.weights import _batch_norm_folds, _inner, _weight_quantizers, grid_reach
+from tfacd.export.weights import (_batch_norm_folds, _inner, _kernel_attribute,
+                                  _weight_quantizers, grid_reach)
 from tfacd.quantizers import clip_variables
 
 # (t, q): the multiplier's mantissa q / 2^t, q odd in [2^(t-1), 2^t).
@@ -139,9 +140,8 @@ def plan_portable(qat_model, baked, tflite) -> PortablePlan:
             skipped[name] = (f"{weights.bits}-bit weights fill int8 (integers up to "
                              f"{int(largest.max())}), no room for a spread")
             continue
-        quantizer = _weight_quantizers(layer).get(
-            "depthwise_kernel" if type(_inner(layer)).__name__ == "DepthwiseConv2D"
-            else "kernel", (None, None, None))[1]
+        quantizer = _weight_quantizers(layer).get(_kernel_attribute(layer),
+                                                   (None, None, None))[1]
         bn = folds.get(name)
         if not (bn is not None and _inner(bn).scale) and \
                 not (quantizer is not None and quantizer.per_channel):
@@ -178,9 +178,7 @@ def apply_portable_scales(qat_model, plan: PortablePlan):
             gamma.assign((gamma.numpy().astype(np.float64) * portable.scale).astype(np.float32))
             continue
         inner = _inner(layer)
-        attribute = "depthwise_kernel" if type(inner).__name__ == "DepthwiseConv2D" \
-            else "kernel"
-        kernel, _, variables = _weight_quantizers(layer)[attribute]
+        kernel, _, variables = _weight_quantizers(layer)[_kernel_attribute(layer)]
         factor = portable.scale
         if type(inner).__name__ == "DepthwiseConv2D":
             # Output channel c = input channel * multiplier + m: the last two axes.

@@ -33,6 +33,12 @@ def _inner(layer):
     return layer.layer if isinstance(layer, quantize_wrapper.QuantizeWrapper) else layer
 
 
+def _kernel_attribute(layer) -> str:
+    """The name of a weight layer's kernel: `depthwise_kernel` or `kernel`."""
+    return "depthwise_kernel" if type(_inner(layer)).__name__ == "DepthwiseConv2D" \
+        else "kernel"
+
+
 def _weight_quantizers(layer) -> dict:
     """`{attribute: (float variable, quantizer, quantizer variables)}` of a wrapped layer."""
     found = {}
@@ -133,7 +139,7 @@ def _bake_weights(layer, bn_layer, quantized: bool, weight_storage: str = "int8"
     requantization, `tfacd.export.portable`)."""
     inner = _inner(layer)
     kind = type(inner).__name__
-    attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
+    attribute = _kernel_attribute(layer)
     entries = _weight_quantizers(layer)
     float_kernel = getattr(inner, attribute)
     quantizer = variables = None
@@ -216,14 +222,11 @@ def _bake_weights(layer, bn_layer, quantized: bool, weight_storage: str = "int8"
                         storage=storage)
 
 
-def grid_reach(layer) -> np.ndarray:
+def grid_reach(layer) -> np.ndarray | None:
     """Per output channel of weight layer `layer`, the largest `|m|` its weight grid holds:
     `max(z, n - z)` for the integers `[-z, n - z]` (127 on the 8-bit symmetric grid),
     whatever the kernel holds now. None for unquantized weights."""
-    inner = _inner(layer)
-    kind = type(inner).__name__
-    attribute = "depthwise_kernel" if kind == "DepthwiseConv2D" else "kernel"
-    entry = _weight_quantizers(layer).get(attribute)
+    entry = _weight_quantizers(layer).get(_kernel_attribute(layer))
     if entry is None:
         return None
     kernel, quantizer, variables = entry
@@ -238,8 +241,8 @@ def grid_reach(layer) -> np.ndarray:
     if quantizer.per_channel:
         shape[quantizer.axis % len(kernel.shape)] = -1
     reach = np.broadcast_to(np.reshape(reach, shape), kernel.shape)
-    out_channels = kernel.shape[2] * kernel.shape[3] if kind == "DepthwiseConv2D" \
-        else kernel.shape[-1]
+    out_channels = kernel.shape[2] * kernel.shape[3] \
+        if _kernel_attribute(layer) == "depthwise_kernel" else kernel.shape[-1]
     return reach.reshape(-1, out_channels).max(axis=0).astype(np.int64)
 
 
