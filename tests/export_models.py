@@ -38,7 +38,8 @@ def _trained_like(model, seed=0):
 
 
 def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False,
-                    activation_granularity=None, symmetric_weights=False, pixel_grid=False):
+                    activation_granularity=None, symmetric_weights=False, pixel_grid=False,
+                    exact_average_pooling=False):
     """A tiny QAT model, calibrated on inputs normalized with MEAN/STD, or with
     `pixel_grid` on `(p - 128) / 64` with the input quantizer fixed on that grid."""
     tf.random.set_seed(0)
@@ -47,6 +48,7 @@ def _quantized_tiny(bits, granularity, first_last_bits=8, trained_like=False,
                                  granularity=granularity, first_last_bits=first_last_bits,
                                  activation_granularity=activation_granularity,
                                  symmetric_weights=symmetric_weights,
+                                 exact_average_pooling=exact_average_pooling,
                                  input_range=PIXEL_GRID_RANGE if pixel_grid else None)
     mean, std = PIXEL_GRID if pixel_grid else (MEAN, STD)
     tfacd.calibrate(model, ((_pixels(64, seed=1) - mean) / std).astype("float32"))

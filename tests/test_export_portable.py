@@ -91,6 +91,49 @@ def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path, bi
     assert all(layer["float_differs"] == 0 for layer in layers), layers
 
 
+def test_exact_average_pooling_is_computed_alike_by_every_runtime(tmp_path):
+    # The pooled mean held on int8 at the input's step / 64 (the tiny model pools 8x8): the
+    # MEAN op rescales by exactly 1 and no runtime rounds; the logits (int8 out) are equal
+    # integers on XNNPACK, the builtin kernels and TFLite Micro, and equal to Keras's.
+    model = _quantized_tiny(2, "per_channel", first_last_bits=5, trained_like=True,
+                            activation_granularity="per_layer", pixel_grid=True,
+                            exact_average_pooling=True)
+    assert not model.get_layer("quant_pool")._output_quantizers   # pylint: disable=protected-access
+    path = tmp_path / "pool.tflite"
+    pixels = _pixels(200)
+    export.export_tflite(model, path, input_mean=PIXEL_GRID[0], input_std=PIXEL_GRID[1],
+                         input_type="uint8", output_type="int8", data=pixels, verbose=False,
+                         check_runtimes=RUNTIMES, requantization="portable",
+                         float_reference=False)
+    report = json.loads((tmp_path / "pool_report.json").read_text())
+    assert report["activations"]["quant_pool"] == {"bits": 8, "per_channel": False,
+                                                   "exact": True}
+    for runtime in RUNTIMES:
+        fidelity = report["fidelity_by_runtime"][runtime]
+        assert fidelity["top1_agreement"] == 1.0, runtime
+        assert fidelity["max_logit_difference"] == 0.0, runtime
+    from tfacd.export.flatbuffer import _flatbuffer, _op_name
+    flat = _flatbuffer(path.read_bytes())
+    graph = flat.subgraphs[0]
+    means = [op for op in graph.operators if _op_name(flat, op) == "MEAN"]
+    assert len(means) == 1
+    x, y = (graph.tensors[means[0].inputs[0]], graph.tensors[means[0].outputs[0]])
+    ratio = x.quantization.scale[0] / (64 * y.quantization.scale[0])
+    assert abs(ratio - 1) < 1e-6
+    logits = [export.run_tflite(path, pixels[:50], runtime=r) for r in RUNTIMES]
+    for other in logits[1:]:
+        np.testing.assert_array_equal(logits[0], other)
+
+
+def test_exact_average_pooling_refuses_a_mean_that_does_not_fit_int8():
+    # 4-bit activations over 8x8: the exact mean spans 15 * 64 = 960 steps.
+    with pytest.raises(ValueError, match="pool averages 64 values.*960 steps"):
+        _quantized_tiny(4, "per_channel", activation_granularity="per_layer",
+                        exact_average_pooling=True)
+    with pytest.raises(ValueError, match="needs per-tensor activations"):
+        _quantized_tiny(2, "per_channel", exact_average_pooling=True)
+
+
 def test_portable_refuses_int4_storage(tmp_path):
     model = _quantized_tiny(2, "per_channel", activation_granularity="per_layer")
     with pytest.raises(export.ExportError, match="needs weight_storage='int8'"):

@@ -60,6 +60,9 @@ class ExperimentConfig:
     acd_schedule: str = "cosine"
     sqnr_weight: float = 0.0
     symmetric_weights: bool = False      # symmetric weight grids below 8 bits (int4 at 4 bits)
+    exact_average_pooling: bool = False  # global average pooling unquantized, its mean exact
+                                         # on int8 (per_layer activations; every TFLite
+                                         # runtime computes it alike: tfacd.QuantizeScheme)
     tfmot_default: bool = False          # tfmot's own QAT instead of tfacd's scheme
     tfmot_scheme: str = "default_8bit"   # with tfmot_default: default_8bit, or default_n_bit
                                          # (tfmot's experimental scheme at weight_bits /
@@ -188,6 +191,10 @@ class ExperimentConfig:
              f"got {self.activation_policy!r}")
         need(self.requantization in REQUANTIZATIONS,
              f"requantization must be one of {REQUANTIZATIONS}, got {self.requantization!r}")
+        need(not self.exact_average_pooling
+             or (self.activation_granularity or self.granularity) == "per_layer",
+             "exact_average_pooling needs per-tensor activations (activation_granularity="
+             "per_layer): the pooled mean is exact on one grid per tensor")
         need(not (self.requantization == "portable" and self.weight_storage == "int4"),
              "requantization=portable needs weight_storage=int8")
         if self.portable_in_place:

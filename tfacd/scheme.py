@@ -20,6 +20,13 @@ The scheme's layout transform places quantizers where TFLite's fused kernels put
 * `first_last_bits` applies to the first and last weight layers: their weights, the tensors
   they consume (the model input; the pooled features before the classifier) and the last
   layer's output (the logits).
+* `exact_average_pooling`: global average pooling gets no quantizer. Its input sits on a
+  per-tensor grid of step `s` with `n + 1` levels; the mean of `c` such values sits on the
+  grid of step `s / c`, exactly, and spans `n c` of its steps. When `n c <= 255` the export
+  holds it on int8 at that step, and every TFLite runtime's MEAN then computes it with no
+  rounding at all (`tfacd.export.activations`), where a k-bit pooled output is rounded by
+  each runtime's own requantization (XNNPACK in float, the builtin and Micro kernels in
+  fixed point, differing on about one pooled value in four, measured).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry, layer_role
 
 UNSUPPORTED_POLICIES = ("error", "float")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
+_GLOBAL_POOLS = ("GlobalAveragePooling1D", "GlobalAveragePooling2D")
 
 
 class QuantizeScheme(quantize_scheme.QuantizeScheme):
@@ -85,6 +93,10 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
         without it.
       unsupported_layers: "error" (raise, naming the layers) or "float" (leave them in float
         with a warning that names them); used by `tfacd.quantize_model`.
+      exact_average_pooling: global average pooling unquantized, its mean exact on the
+        input's grid divided by the pooled count (module docstring); needs per-tensor
+        activations and `(2^bits - 1) * count <= 255` for the pooled input, checked when the
+        model is quantized.
     """
 
     def __init__(self, weight_bits: int = 4, activation_bits: int = 4,
@@ -94,7 +106,8 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
                  quantize_input: bool = True, unsupported_layers: str = "error",
                  activation_granularity: str | None = None,
                  activation_init_method: str | None = None,
-                 symmetric_weights: bool = False, input_range=None):
+                 symmetric_weights: bool = False, input_range=None,
+                 exact_average_pooling: bool = False):
         self.weight_bits = _checked_bits("weight_bits", weight_bits)
         self.activation_bits = _checked_bits("activation_bits", activation_bits)
         if granularity not in GRANULARITIES:
@@ -125,13 +138,20 @@ class QuantizeScheme(quantize_scheme.QuantizeScheme):
             raise ValueError(f"unsupported_layers must be one of {UNSUPPORTED_POLICIES}, "
                              f"got {unsupported_layers!r}")
         self.unsupported_layers = unsupported_layers
+        self.exact_average_pooling = bool(exact_average_pooling)
+        if self.exact_average_pooling and \
+                (self.activation_granularity or self.granularity) != "per_layer":
+            raise ValueError("exact_average_pooling needs per-tensor activations "
+                             "(activation_granularity='per_layer'): the pooled mean is exact "
+                             "on one grid per tensor")
 
     def get_config(self) -> dict:
         return {k: getattr(self, k) for k in (
             "weight_bits", "activation_bits", "granularity", "first_last_bits", "sqnr_weight",
             "gradient", "init_method", "integer_zero_point", "acd_pull", "quantize_input",
             "unsupported_layers", "activation_granularity",
-            "activation_init_method", "symmetric_weights", "input_range")}
+            "activation_init_method", "symmetric_weights", "input_range",
+            "exact_average_pooling")}
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -245,6 +265,9 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
                 continue
             quantize_output = (layer_role(layer) != "passthrough"
                                and not self._output_fused(layer, layer_quantize_map))
+            if scheme.exact_average_pooling and type(layer).__name__ in _GLOBAL_POOLS:
+                self._check_exact_pool(layer, layer_quantize_map, edge_outputs)
+                quantize_output = False
             config = registry.make_config(
                 layer, quantize_output,
                 weight_bits=scheme.first_last_bits if layer.name in edge_weights else None,
@@ -286,6 +309,24 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
                 or kind == "Add":
             return _is_relu(consumer)
         return False
+
+    def _check_exact_pool(self, layer, layer_quantize_map, edge_outputs):
+        """Raises ValueError unless the exact mean of `layer`'s input fits int8."""
+        spatial = layer.input_shape[1:-1]
+        if any(size is None for size in spatial):
+            raise ValueError(f"exact_average_pooling: {layer.name} pools an input of unknown "
+                             f"size {tuple(layer.input_shape)}; the exact grid needs the count")
+        count = int(np.prod(spatial))
+        for producer in self._quantized_producers(layer, layer_quantize_map):
+            bits = (self._scheme.first_last_bits if producer.name in edge_outputs
+                    and self._scheme.first_last_bits else self._scheme.activation_bits)
+            span = (2 ** bits - 1) * count
+            if span > 255:
+                raise ValueError(
+                    f"exact_average_pooling: {layer.name} averages {count} values of "
+                    f"{producer.name}'s {bits}-bit grid; their exact mean spans {span} steps "
+                    "of the finer grid, more than int8's 255 (fewer activation bits, a "
+                    "smaller pooled map, or exact_average_pooling=False)")
 
     @staticmethod
     def _quantized_producers(layer, layer_quantize_map):

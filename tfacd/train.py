@@ -170,7 +170,8 @@ def initial_weights(model, config: ExperimentConfig, splits: data_lib.Splits):
 
 
 # What a QAT run must share with the run it is trained on in place (`--portable_in_place`):
-# the same quantized model, clip for clip.
+# the same quantized model, clip for clip. `exact_average_pooling` may be turned on in the
+# stage: it drops the pooling's quantizer and adds none, so every clip still loads.
 _SAME_QUANTIZATION = ("architecture", "width", "num_classes", "weight_bits", "activation_bits",
                       "granularity", "activation_granularity", "first_last_bits",
                       "symmetric_weights", "input_normalization")
@@ -229,6 +230,7 @@ def quantize(config: ExperimentConfig, model):
         activation_granularity=config.activation_granularity or None,
         activation_init_method=config.activation_init_method or None,
         symmetric_weights=config.symmetric_weights,
+        exact_average_pooling=config.exact_average_pooling,
         input_range=(data_lib.PIXEL_GRID_RANGE if config.input_normalization == "pixel_grid"
                      else None))
 

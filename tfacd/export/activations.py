@@ -9,6 +9,12 @@
   `_on_channel_grids`), `clamp` (int8 over the union of the channels' ranges, per-channel
   clip constants; a different function) or `round` (`clamp` plus per-channel rounding in
   float; up to half a union step off).
+* Global average pooling without a quantizer (`QuantizeScheme(exact_average_pooling=True)`,
+  exact): the mean of `c` values on a per-tensor grid of step `s` is on the grid of step
+  `s / c`; an 8-bit fake quant at that step and origin holds it when the input's `n + 1`
+  levels give `n c <= 255`. TFLite's MEAN then has `s_in / (s_out c) = 1` (to a float32
+  ulp): no rounding on any runtime, where a k-bit pooled output is rounded by each
+  runtime's own requantization and XNNPACK, the builtin and the Micro kernels disagree.
 * Input (exact): raw pixels normalized by a 1x1 int8 depthwise convolution whose weight and
   int32 bias are searched per channel so that the file's integer equals the Keras input
   quantizer's on all 256 pixel values.
@@ -50,6 +56,20 @@ def _activation_plan(name, quantizer, variables) -> ActivationPlan:
     return ActivationPlan(name, quantizer.num_bits, per_channel,
                           np.asarray(lower, np.float32), np.asarray(upper, np.float32),
                           exact=not per_channel)
+
+
+def _exact_mean_plan(name: str, producer: ActivationPlan, count: int) -> ActivationPlan | None:
+    """The int8 grid that holds the exact mean of `count` values of `producer`'s per-tensor
+    grid (module docstring), or None when it does not fit int8 or `producer` is per
+    channel."""
+    if producer.per_channel:
+        return None
+    lower, step, _ = _per_tensor_grid(producer)
+    if ops.num_levels(producer.bits) * count > 255:
+        return None
+    fine = step / count
+    return ActivationPlan(name, 8, False, np.asarray(lower, np.float32),
+                          np.asarray(lower + 255 * fine, np.float32), exact=True)
 
 
 def _fake_quant_8bit(x, lower: float, upper: float):

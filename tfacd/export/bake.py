@@ -18,9 +18,11 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
 
 from tfacd._keras import keras
+from tfacd.registry import layer_role
 from tfacd.export._common import ACTIVATION_POLICIES, ExportError, WEIGHT_STORAGES
 from tfacd.export.activations import (
-    _activation_plan, _emit_activation, _is_nonnegative, _normalization, _normalization_integers)
+    _activation_plan, _emit_activation, _exact_mean_plan, _is_nonnegative, _normalization,
+    _normalization_integers)
 from tfacd.export.weights import (
     _bake_weights, _batch_norm_folds, _emit_weight_layer, _inner, _output_quantizer,
     check_exportable)
@@ -36,6 +38,34 @@ def _emit_layer(inner, args, kwargs):
         if float(inner.max_value) == 6.0:
             return tf.nn.relu6(args[0])
     return inner(*args, training=False, **kwargs)
+
+
+_GLOBAL_POOLS = ("GlobalAveragePooling1D", "GlobalAveragePooling2D")
+
+
+def _exact_pool_plans(model, plans) -> dict:
+    """`{name: ActivationPlan}` for the unquantized global average poolings whose exact mean
+    fits int8 (`tfacd.export.activations._exact_mean_plan`), looking through pass-through
+    layers (dropout, reshapes) for the grid they average."""
+    found = {}
+    for layer in model.layers:
+        if layer.name in plans or type(_inner(layer)).__name__ not in _GLOBAL_POOLS or \
+                not isinstance(layer, quantize_wrapper.QuantizeWrapper):
+            continue
+        producer = layer
+        while True:
+            inbound = tf.nest.flatten(producer._inbound_nodes[0].inbound_layers)  # pylint: disable=protected-access
+            if len(inbound) != 1:
+                break
+            producer = inbound[0]
+            if producer.name in plans or layer_role(_inner(producer)) != "passthrough":
+                break
+        count = int(np.prod(layer.input_shape[1:-1]))
+        plan = plans.get(producer.name)
+        exact = plan and _exact_mean_plan(layer.name, plan, count)
+        if exact is not None:
+            found[layer.name] = exact
+    return found
 
 
 @dataclasses.dataclass
@@ -108,6 +138,7 @@ def bake(model, input_mean=None, input_std=None, activation_policy: str = "float
                 if activation_policy == "float":
                     # Each channel on its own grid with the forward pass's own float32 ops.
                     plans[layer.name].exact = True
+        plans.update(_exact_pool_plans(model, plans))
 
     input_quantized = any(isinstance(layer, quantize_layer.QuantizeLayer)
                           for layer in model.layers)
