@@ -54,7 +54,8 @@ def test_bad_yaml_is_named(tmp_path, text, message):
     (dict(acd="maybe"), "maybe"), (dict(strategy="tpu"), "tpu"),
     (dict(val_fraction=1.0), "val_fraction"), (dict(architecture="resnet"), "resnet"),
     (dict(optimizer="rmsprop"), "optimizer must be one of .*rmsprop"),
-    (dict(weight_storage="int2"), "weight_storage must be one of .*int2")])
+    (dict(weight_storage="int2"), "weight_storage must be one of .*int2"),
+    (dict(exact_average_pooling=True), "exact_average_pooling needs per-tensor activations")])
 def test_values_out_of_range_are_named(values, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_dict(values).validate()

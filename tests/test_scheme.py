@@ -113,7 +113,8 @@ def test_scheme_plugs_into_tfmot_quantize_apply(tiny_model):
     (dict(first_last_bits=0), "first_last_bits"), (dict(granularity="per_group"), "per_group"),
     (dict(sqnr_weight=-0.1), "sqnr_weight"), (dict(unsupported_layers="skip"), "skip"),
     (dict(activation_granularity="per_group"), "activation_granularity"),
-    (dict(activation_init_method="percentile"), "percentile")])
+    (dict(activation_init_method="percentile"), "percentile"),
+    (dict(exact_average_pooling=True), "exact_average_pooling needs per-tensor activations")])
 def test_bad_scheme_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tfacd.QuantizeScheme(**kwargs)
