@@ -52,6 +52,8 @@ def test_portable_file_computes_the_keras_model_on_every_runtime(
     assert portable["layers"] == 2
     assert set(portable["skipped"]) == {"quant_conv", "quant_logits"}
     assert all("8-bit" in why for why in portable["skipped"].values())
+    assert "without portable scales: quant_conv, quant_logits" in \
+        report["runtimes"]["builtin"]["inexact_why"]
     assert 0 < portable["largest_weight_step_change"] < 0.07
     assert report["input_normalization_mismatches"] == 0
     for runtime in RUNTIMES:
@@ -84,6 +86,9 @@ def test_pixel_grid_input_and_5_bit_edges_make_every_layer_portable(tmp_path, bi
     assert report["input_normalization_mismatches"] == 0
     for runtime in RUNTIMES:
         assert report["fidelity_by_runtime"][runtime]["top1_agreement"] == 1.0, runtime
+    # The pooled output is rounded (no exact_average_pooling): the report says so.
+    assert not report["runtimes"]["builtin"]["exact"]
+    assert "MEAN rescales its sum" in report["runtimes"]["micro"]["inexact_why"]
     # Every pixel value on every channel, then natural-looking images.
     every_value = np.arange(256, dtype="float32").reshape(4, 8, 8, 1).repeat(3, axis=-1)
     layers = requantization_check(path, np.concatenate([every_value, pixels[:40]]))
@@ -108,6 +113,8 @@ def test_exact_average_pooling_is_computed_alike_by_every_runtime(tmp_path):
     report = json.loads((tmp_path / "pool_report.json").read_text())
     assert report["activations"]["quant_pool"] == {"bits": 8, "per_channel": False,
                                                    "exact": True}
+    assert report["runtimes"]["builtin"] == {"runs": True, "why": "", "exact": True,
+                                             "inexact_why": ""}
     for runtime in RUNTIMES:
         fidelity = report["fidelity_by_runtime"][runtime]
         assert fidelity["top1_agreement"] == 1.0, runtime

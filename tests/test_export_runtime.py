@@ -43,6 +43,9 @@ def test_per_tensor_int8_file_runs_on_every_runtime_and_is_exact_on_xnnpack(tmp_
     assert report["fidelity"]["max_logit_difference"] == 0.0
     for runtime in ("builtin", "micro"):          # they run; their numbers are recorded
         assert 0.0 <= report["fidelity_by_runtime"][runtime]["top1_agreement"] <= 1.0
+        # ... and the report says why they need not equal XNNPACK's.
+        assert not report["runtimes"][runtime]["exact"]
+        assert "requantization='float'" in report["runtimes"][runtime]["inexact_why"]
     micro = export.run_tflite(path, pixels[:5], runtime="micro")
     assert micro.shape == (5, 4) and np.all(np.isfinite(micro))
 

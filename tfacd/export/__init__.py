@@ -116,7 +116,8 @@ from tfacd.export.bake import bake
 from tfacd.export.bias_snap import snap_biases_to_file
 from tfacd.export.convert import _convert
 from tfacd.export.int4 import pack_int4_weights
-from tfacd.export.portable import apply_portable_scales, check_portable, plan_portable
+from tfacd.export.portable import (apply_portable_scales, check_portable, fixed_point_gaps,
+                                   plan_portable)
 from tfacd.export.portable import PortablePlan, bias_variables, ratio_variables  # noqa: F401
 from tfacd.export.report import (_compare, _json_default, _keras_logits, _mean_std, _report,
                                  format_report)
@@ -222,6 +223,11 @@ def export_tflite(qat_model, output_path, *, input_mean=None, input_std=None,
                                       False, batch_size))
     report = _report(qat_model, baked, content, float_content, options)
     report["runtimes"] = runtime_support(content)
+    # Whether the fixed-point runtimes compute the file's integers as XNNPACK does, by design.
+    gaps = fixed_point_gaps(content, portable, baked)
+    for runtime in ("builtin", "micro"):
+        report["runtimes"][runtime]["exact"] = not gaps
+        report["runtimes"][runtime]["inexact_why"] = "; ".join(gaps)
     if portable is not None:
         report["portable"] = portable.summary()
         # How far the residue snap moved a bias, in units of its layer's int32 bias grid:

@@ -265,3 +265,40 @@ def check_portable(tflite, plan: PortablePlan, qat_model, accumulator_bound: int
                                   "point and in float")
             checked += 1
     return checked
+
+
+def fixed_point_gaps(tflite, plan: PortablePlan | None, baked) -> list[str]:
+    """Why LiteRT's builtin kernels and TensorFlow Lite Micro may compute other integers than
+    XNNPACK on the file `tflite` (and so than the Keras model): `[]` when the design makes
+    them equal. Read at export into the report's `runtimes` (`exact`, `inexact_why`).
+
+    Named: `requantization='float'` (scales as trained: fixed point rounds some
+    accumulators otherwise), weight layers the portable plan skipped, float layers of the
+    `float` activation policy (float sums in another order), and `MEAN` ops that rescale
+    their sum (a rounded pooled output: `QuantizeScheme(exact_average_pooling=True)`)."""
+    gaps = []
+    if plan is None:
+        gaps.append("requantization='float': the scales as trained, which fixed-point "
+                    "requantization rounds differently on some accumulators "
+                    "(requantization='portable' makes every runtime alike)")
+    elif plan.skipped:
+        gaps.append("weight layers without portable scales: " + ", ".join(sorted(plan.skipped)))
+    if baked.activations and any(p.per_channel for p in baked.activations):
+        gaps.append("per-channel activations: their layers compute in float, summed in "
+                    "another order by each runtime")
+    model = _flatbuffer(_content(tflite))
+    from tfacd.export.flatbuffer import _op_name  # pylint: disable=import-outside-toplevel
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if _op_name(model, op) != "MEAN":
+                continue
+            x, y = subgraph.tensors[op.inputs[0]], subgraph.tensors[op.outputs[0]]
+            if x.quantization is None or x.quantization.scale is None:
+                continue
+            count = int(np.prod(x.shape)) // max(int(np.prod(y.shape)), 1)
+            ratio = float(x.quantization.scale[0]) / (count * float(y.quantization.scale[0]))
+            if abs(ratio - 1.0) > 1e-6:
+                gaps.append(f"{_tensor_name(y)}: MEAN rescales its sum by {ratio:.4g} and "
+                            "rounds (QuantizeScheme(exact_average_pooling=True) keeps it "
+                            "exact)")
+    return gaps

@@ -239,6 +239,9 @@ def format_report(report: dict) -> str:
     for runtime, support in (report.get("runtimes") or {}).items():
         if not support["runs"]:
             lines.append(f"  cannot run on {runtime}: {support['why']}")
+        elif support.get("inexact_why"):
+            lines.append(f"  {runtime} may compute other integers than XNNPACK: "
+                         f"{support['inexact_why']}")
     before = report.get("fidelity_before_bias_snap")
     if before:
         accuracy = "" if before.get("keras_accuracy") is None else \
