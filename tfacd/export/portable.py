@@ -275,7 +275,9 @@ def fixed_point_gaps(tflite, plan: PortablePlan | None, baked) -> list[str]:
     Named: `requantization='float'` (scales as trained: fixed point rounds some
     accumulators otherwise), weight layers the portable plan skipped, float layers of the
     `float` activation policy (float sums in another order), and `MEAN` ops that rescale
-    their sum (a rounded pooled output: `QuantizeScheme(exact_average_pooling=True)`)."""
+    their sum (a rounded pooled output: `QuantizeScheme(exact_average_pooling=True)`).
+    Residual `ADD`s are not named: the three runtimes compute TFLite's int8 ADD alike for
+    any scales (`test_int8_add_is_the_same_integer_on_every_runtime`)."""
     gaps = []
     if plan is None:
         gaps.append("requantization='float': the scales as trained, which fixed-point "
