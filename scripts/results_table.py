@@ -18,6 +18,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -28,18 +29,27 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import ablation  # noqa: E402  pylint: disable=wrong-import-position
+from tfacd import config as config_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 SHIPPED_FILES = ("model.tflite", "results.json", "model_report.json")
 
 
+# Settings that only tell repeats of one row apart: the seed, and where the run was written.
+_REPEAT_FIELDS = ("seed", "model_dir", "overwrite")
+# Settings that name a run or a folder: compared by the folder's name (the same row may have
+# been run with another runs_dir or data path).
+_PATH_FIELDS = ("dataset", "data_dir", "init_from", "distill_from")
+
+
 def row_key(config: dict) -> tuple:
-    if config["mode"] == "float":
-        return ("float",)
-    if config.get("tfmot_default"):
-        return ("tfmot", config.get("tfmot_scheme", "default_8bit"), config["weight_bits"],
-                config["activation_bits"])
-    return (config["weight_bits"], config["activation_bits"], _granularity(config),
-            config["acd"], float(config["sqnr_weight"]))
+    """Runs share a row when everything but the seed is the same (a progressive stage's
+    `init_from`, a longer schedule or a portable stage make rows of their own). Settings a
+    run's results.json predates count as their defaults."""
+    full = {**dataclasses.asdict(config_lib.ExperimentConfig()), **config}
+    for key in _PATH_FIELDS:
+        full[key] = pathlib.Path(str(full[key] or "")).name
+    return tuple(sorted((key, json.dumps(value, sort_keys=True))
+                        for key, value in full.items() if key not in _REPEAT_FIELDS))
 
 
 def _granularity(config: dict) -> str:
@@ -81,10 +91,17 @@ def _mean(values, fmt):
 
 
 def _epochs(config: dict) -> str:
-    """The epochs cell: the count, or the adopted checkpoint's folder (`epochs: 0`)."""
-    if config["epochs"]:
-        return str(config["epochs"])
-    return "checkpoint " + pathlib.Path(config["init_from"]).parent.name
+    """The epochs cell: the count, or the adopted checkpoint's folder (`epochs: 0`); for a
+    QAT run that starts from another QAT run (a progressive or portable stage), the count
+    and that run."""
+    if not config["epochs"]:
+        return "checkpoint " + pathlib.Path(config["init_from"]).parent.name
+    source = pathlib.Path(config.get("init_from") or "")
+    saved = source / "results.json"
+    if config["mode"] == "qat" and saved.is_file() and \
+            json.loads(saved.read_text())["config"]["mode"] == "qat":
+        return f"{config['epochs']} after {source.name}"
+    return str(config["epochs"])
 
 
 def table(runs_dir: pathlib.Path, runs: list) -> tuple[str, list[str]]:

@@ -94,7 +94,9 @@ def test_table_groups_seeds_and_ships_small_files(ablation, tmp_path):
                         "--ship=c10_w2a2_pc_acd_sqnr_s0", f"--to={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| c10")]
-    assert len(rows) == 5, result.stdout                 # the two per-layer seeds are one row
+    assert len(rows) == 6, result.stdout                 # the two per-layer seeds are one row
+    # The stage from c10_w2a2_pc_s0 is a row of its own, not a third seed of that run's row.
+    assert any(r.startswith("| c10_w2a2_from_w2a2 |") for r in rows), result.stdout
     per_layer = next(r for r in rows if "c10_w2a2_pl_s0, c10_w2a2_pl_s1" in r)
     assert "±" in per_layer and "per-layer" in per_layer
     shipped = tmp_path / "c10_w2a2_pc_acd_sqnr_s0"
@@ -214,6 +216,34 @@ def test_table_names_an_adopted_float_checkpoint(tmp_path):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[5] == "checkpoint mobilenet_v2_cifar10_w0.5" and cells[6] == "85.68"
     assert cells[-1] == "-" and not unfinished and "*" not in text
+
+
+def test_table_keeps_progressive_and_longer_runs_apart_from_the_seeds_they_resemble(tmp_path):
+    """Seeds of one row share it, whatever settings their results.json predates and
+    wherever they were run; a stage from another QAT run, or a longer schedule, is a row of
+    its own, and the stage's epochs name the run it started from."""
+    table = _script_module("results_table")
+    base = {"mode": "qat", "weight_bits": 2, "activation_bits": 2, "acd": "decay",
+            "sqnr_weight": 0.05, "granularity": "per_channel", "epochs": 15}
+    configs = {
+        "w4a4": dict(base, weight_bits=4, activation_bits=4, init_from="elsewhere/c10_float"),
+        "s0": dict(base, seed=0, init_from="runs/c10_float", dataset="cifar10-jpeg"),
+        "s1": dict(base, seed=1, init_from=str(tmp_path / "c10_float"),
+                   dataset="/data/cifar10-jpeg", requantization="float"),
+        "prog": dict(base, init_from=str(tmp_path / "w4a4")),
+        "e40": dict(base, epochs=40, init_from=str(tmp_path / "c10_float"))}
+    runs = []
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "config": config, "val_accuracy": 0.5, "train_seconds_total": 3600}))
+        runs.append(table.ablation.Run(name, "configs/x.yaml", {}, "qat"))
+    text, _ = table.table(tmp_path, runs)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines()[2:] if line.startswith("|")}
+    assert set(rows) == {"w4a4", "s0, s1", "prog", "e40"}, text
+    assert rows["prog"][5] == "15 after w4a4" and rows["e40"][5] == "40"
+    assert rows["s0, s1"][5] == "15"
 
 
 def test_plots_find_a_variant_under_its_recipe_plan_name(tmp_path, capsys):
