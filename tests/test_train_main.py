@@ -484,3 +484,11 @@ def test_portable_in_place_keeps_the_ratios_portable_while_the_kernels_train(fol
                       f"--model_dir={tmp_path / 'bad'}", f"--init_from={source}",
                       "--portable_in_place", "--epochs=1", "--steps_per_epoch=1")
     assert refused.returncode == 2 and "weight_bits=2 differs" in refused.stderr
+    # Exact pooling where the mean cannot be exact on int8 (this tiny model pools 16x16):
+    # one clear line, before any training.
+    too_big = run_cli(*common, f"--model_dir={tmp_path / 'pool'}", f"--init_from={source}",
+                      "--portable_in_place", "--exact_average_pooling", "--epochs=1",
+                      "--steps_per_epoch=1")
+    assert too_big.returncode == 2, too_big.stderr[-3000:]
+    assert "error: exact_average_pooling: pool averages 256 values" in too_big.stderr
+    assert "Traceback" not in too_big.stderr

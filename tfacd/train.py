@@ -223,16 +223,19 @@ def quantize(config: ExperimentConfig, model):
                     num_bits_weight=config.weight_bits,
                     num_bits_activation=config.activation_bits))
         return tfmot.quantization.keras.quantize_model(model)
-    return tfacd.quantize_model(
-        model, weight_bits=config.weight_bits, activation_bits=config.activation_bits,
-        granularity=config.granularity, first_last_bits=config.first_last_bits,
-        sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull",
-        activation_granularity=config.activation_granularity or None,
-        activation_init_method=config.activation_init_method or None,
-        symmetric_weights=config.symmetric_weights,
-        exact_average_pooling=config.exact_average_pooling,
-        input_range=(data_lib.PIXEL_GRID_RANGE if config.input_normalization == "pixel_grid"
-                     else None))
+    try:
+        return tfacd.quantize_model(
+            model, weight_bits=config.weight_bits, activation_bits=config.activation_bits,
+            granularity=config.granularity, first_last_bits=config.first_last_bits,
+            sqnr_weight=config.sqnr_weight, acd_pull=config.acd == "pull",
+            activation_granularity=config.activation_granularity or None,
+            activation_init_method=config.activation_init_method or None,
+            symmetric_weights=config.symmetric_weights,
+            exact_average_pooling=config.exact_average_pooling,
+            input_range=(data_lib.PIXEL_GRID_RANGE
+                         if config.input_normalization == "pixel_grid" else None))
+    except ValueError as error:   # a setting this model cannot take (the scheme names it)
+        raise ConfigError(str(error)) from None
 
 
 def load_weights(model, prefix: str, what: str):
