@@ -46,6 +46,10 @@ OUTPUT_LAYERS = frozenset({
     "GlobalAveragePooling2D", "Rescaling", "Normalization", "UpSampling2D",
 })
 
+#: Global average poolings: `QuantizeScheme(exact_average_pooling=True)` leaves them
+#: unquantized and the export holds their exact mean on int8.
+GLOBAL_AVERAGE_POOLS = ("GlobalAveragePooling1D", "GlobalAveragePooling2D")
+
 #: Layers whose outputs are values of their inputs: no quantizer needed.
 PASSTHROUGH_LAYERS = frozenset({
     "InputLayer", "ZeroPadding1D", "ZeroPadding2D", "MaxPooling1D", "MaxPooling2D",

@@ -49,11 +49,11 @@ from tfacd import kernels, ops
 from tfacd._keras import keras
 from tfacd.quantizers import (GRANULARITIES, ClipQuantizer, calibrating, check_range,
                               iter_quantizers)
-from tfacd.registry import ClipQuantizeConfig, ClipQuantizeRegistry, layer_role
+from tfacd.registry import (GLOBAL_AVERAGE_POOLS, ClipQuantizeConfig, ClipQuantizeRegistry,
+                            layer_role)
 
 UNSUPPORTED_POLICIES = ("error", "float")
 _BATCH_NORMS = ("BatchNormalization", "SyncBatchNormalization")
-_GLOBAL_POOLS = ("GlobalAveragePooling1D", "GlobalAveragePooling2D")
 
 
 class QuantizeScheme(quantize_scheme.QuantizeScheme):
@@ -265,7 +265,7 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
                 continue
             quantize_output = (layer_role(layer) != "passthrough"
                                and not self._output_fused(layer, layer_quantize_map))
-            if scheme.exact_average_pooling and type(layer).__name__ in _GLOBAL_POOLS:
+            if scheme.exact_average_pooling and type(layer).__name__ in GLOBAL_AVERAGE_POOLS:
                 self._check_exact_pool(layer, layer_quantize_map, edge_outputs)
                 quantize_output = False
             config = registry.make_config(
@@ -320,7 +320,7 @@ class ClipLayoutTransform(quantize_layout_transform.QuantizeLayoutTransform):
         for producer in self._quantized_producers(layer, layer_quantize_map):
             bits = (self._scheme.first_last_bits if producer.name in edge_outputs
                     and self._scheme.first_last_bits else self._scheme.activation_bits)
-            span = (2 ** bits - 1) * count
+            span = ops.num_levels(bits) * count
             if span > 255:
                 raise ValueError(
                     f"exact_average_pooling: {layer.name} averages {count} values of "

@@ -18,7 +18,7 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
 
 from tfacd._keras import keras
-from tfacd.registry import layer_role
+from tfacd.registry import GLOBAL_AVERAGE_POOLS, layer_role
 from tfacd.export._common import ACTIVATION_POLICIES, ExportError, WEIGHT_STORAGES
 from tfacd.export.activations import (
     _activation_plan, _emit_activation, _exact_mean_plan, _is_nonnegative, _normalization,
@@ -40,16 +40,13 @@ def _emit_layer(inner, args, kwargs):
     return inner(*args, training=False, **kwargs)
 
 
-_GLOBAL_POOLS = ("GlobalAveragePooling1D", "GlobalAveragePooling2D")
-
-
 def _exact_pool_plans(model, plans) -> dict:
     """`{name: ActivationPlan}` for the unquantized global average poolings whose exact mean
     fits int8 (`tfacd.export.activations._exact_mean_plan`), looking through pass-through
     layers (dropout, reshapes) for the grid they average."""
     found = {}
     for layer in model.layers:
-        if layer.name in plans or type(_inner(layer)).__name__ not in _GLOBAL_POOLS or \
+        if layer.name in plans or type(_inner(layer)).__name__ not in GLOBAL_AVERAGE_POOLS or \
                 not isinstance(layer, quantize_wrapper.QuantizeWrapper):
             continue
         producer = layer
@@ -62,7 +59,7 @@ def _exact_pool_plans(model, plans) -> dict:
                 break
         count = int(np.prod(layer.input_shape[1:-1]))
         plan = plans.get(producer.name)
-        exact = plan and _exact_mean_plan(layer.name, plan, count)
+        exact = None if plan is None else _exact_mean_plan(layer.name, plan, count)
         if exact is not None:
             found[layer.name] = exact
     return found

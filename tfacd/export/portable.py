@@ -48,8 +48,8 @@ import math
 import numpy as np
 
 from tfacd.export._common import ExportError, _INT8_MAX, _content
-from tfacd.export.flatbuffer import (_flatbuffer, _layer_for_tensor, _schema, _tensor_name,
-                                     _weight_op_entries)
+from tfacd.export.flatbuffer import (_flatbuffer, _layer_for_tensor, _op_name, _schema,
+                                     _tensor_name, _weight_op_entries)
 from tfacd.export.requantization import requantize_fixed_point, requantize_float
 from tfacd.export.weights import (_batch_norm_folds, _inner, _kernel_attribute,
                                   _weight_quantizers, grid_reach)
@@ -289,7 +289,6 @@ def fixed_point_gaps(tflite, plan: PortablePlan | None, baked) -> list[str]:
         gaps.append("per-channel activations: their layers compute in float, summed in "
                     "another order by each runtime")
     model = _flatbuffer(_content(tflite))
-    from tfacd.export.flatbuffer import _op_name  # pylint: disable=import-outside-toplevel
     for subgraph in model.subgraphs:
         for op in subgraph.operators:
             if _op_name(model, op) != "MEAN":
